@@ -1,0 +1,27 @@
+"""Public ops of hrkernels (``hrkernels.ops.<name>``).
+
+Each op is a registered ``torch.library`` operator (``hrkernels::<name>``) with a fake
+implementation, so ``torch.compile(fullgraph=True)`` traces through it. CUDA tensors run Triton
+kernels; other devices run the PyTorch reference (``reference.py`` of each family). See
+``_backend.py`` for ``HRKERNELS_BACKEND`` and :func:`use_backend`.
+"""
+
+from hrkernels.ops._backend import BackendUnavailableError, select_backend, use_backend
+from hrkernels.ops.views import (
+    gather_dilated,
+    gather_windows,
+    scatter_dilated,
+    scatter_windows_mean,
+    window_grid,
+)
+
+__all__ = [
+    "BackendUnavailableError",
+    "gather_dilated",
+    "gather_windows",
+    "scatter_dilated",
+    "scatter_windows_mean",
+    "select_backend",
+    "use_backend",
+    "window_grid",
+]

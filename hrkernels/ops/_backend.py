@@ -1,0 +1,151 @@
+"""Backend dispatch: which implementation of an op runs for a given device.
+
+The choice is made once per op call, inside the registered ``hrkernels::<op>`` operator (so it is
+opaque to ``torch.compile``), from the input tensors' device and the requested backend:
+
+* ``HRKERNELS_BACKEND`` (environment) or :func:`use_backend` (a context manager, which wins):
+  ``auto`` (default), ``triton``, ``torch`` or ``cuda``.
+* ``auto``: CUDA tensors run the Triton kernels; CPU, MPS and any other device run the PyTorch
+  reference (a real implementation, not a test toy). If the tensors are on CUDA but Triton cannot be
+  imported, the reference runs and a warning says so once.
+* ``triton``: always the Triton kernels. On CPU tensors this needs Triton's interpreter
+  (``TRITON_INTERPRET=1`` set before triton is imported); otherwise :class:`BackendUnavailableError`.
+* ``torch``: always the reference.
+* ``cuda``: the optional CUDA C++ extension; it is not built in this release, so forcing it raises
+  :class:`BackendUnavailableError` naming the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+import os
+import warnings
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch", "cuda")
+ENV_VAR = "HRKERNELS_BACKEND"
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "hrkernels_backend", default=None
+)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was forced (``HRKERNELS_BACKEND`` or :func:`use_backend`) but cannot run here."""
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+def requested_backend() -> str:
+    """The backend asked for: :func:`use_backend`'s if active, else ``HRKERNELS_BACKEND``, else auto."""
+    override = _override.get()
+    if override is not None:
+        return override
+    return _check_name(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend inside a ``with`` block (takes precedence over ``HRKERNELS_BACKEND``).
+
+    Example::
+
+        with hrkernels.ops.use_backend("torch"):
+            out = hrkernels.ops.gather_dilated(x, 2)   # PyTorch reference even on CUDA
+    """
+    token = _override.set(_check_name(name, "use_backend(name)"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def triton_import_error() -> str | None:
+    """Why Triton cannot be imported, or None when it can (checked once)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton; Linux only)"
+    try:
+        import triton  # noqa: F401
+    except Exception as error:  # pragma: no cover - depends on the installation
+        return f"importing triton failed: {error}"
+    return None
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on ``device``, or None when they can."""
+    error = triton_import_error()
+    if error is not None:
+        return error
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if interpreter_enabled():
+            return None
+        return (
+            "Triton kernels need a CUDA device; CPU tensors need Triton's interpreter "
+            "(set TRITON_INTERPRET=1 before triton is imported)"
+        )
+    return f"Triton kernels do not run on {device.type} tensors"
+
+
+def cuda_unavailable_reason() -> str:
+    """Why the CUDA C++ extension cannot run (it is not part of this release)."""
+    return "the hrkernels CUDA C++ extension is not built in this release; every op runs on Triton"
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def select_backend(op: str, device: torch.device) -> str:
+    """Return ``"triton"`` or ``"torch"`` for one call of ``op`` on ``device``.
+
+    Raises:
+        BackendUnavailableError: a forced backend cannot run on this device or installation.
+    """
+    requested = requested_backend()
+    if requested == "torch":
+        return "torch"
+    if requested == "cuda":
+        raise BackendUnavailableError(f"hrkernels.ops.{op}: backend 'cuda' requested, but "
+                                      f"{cuda_unavailable_reason()}")
+    reason = triton_unavailable_reason(device)
+    if requested == "triton":
+        if reason is not None:
+            raise BackendUnavailableError(f"hrkernels.ops.{op}: backend 'triton' requested, but "
+                                          f"{reason}")
+        return "triton"
+    if device.type == "cuda":
+        if reason is None:
+            return "triton"
+        _warn_once(f"hrkernels: running the PyTorch reference ops on CUDA because {reason}")
+    return "torch"
+
+
+def backend_report() -> dict[str, str]:
+    """For ``hrkernels info``: each backend and whether it is usable here (``"yes"`` or why not)."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    triton_reason = triton_unavailable_reason(device)
+    return {
+        "torch": "yes (PyTorch reference; every device)",
+        "triton": "yes" + (" (interpreter, CPU)" if device.type == "cpu" else "")
+        if triton_reason is None
+        else f"no: {triton_reason}",
+        "cuda": f"no: {cuda_unavailable_reason()}",
+    }

@@ -1,0 +1,494 @@
+"""Stable Diffusion pipelines with random weights, for tests and benchmarks.
+
+Nothing here touches a model hub: every module is built from a config written in this file and
+initialised from a seeded RNG, and the CLIP tokenizers come from a small byte-level vocabulary
+generated in code.
+
+* :func:`tiny_pipeline` builds a real diffusers ``StableDiffusionPipeline`` or
+  ``StableDiffusionXLPipeline`` whose modules have the SD 1.5 / SDXL topology (same block types,
+  same module names) with tiny channel counts, so a sampler runs end to end on a CPU in well under
+  a second.
+* :func:`random_pipeline` builds the full-size SD 1.5 / SDXL architectures with random weights, for
+  GPU timing and memory measurements.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+__all__ = ["random_pipeline", "tiny_pipeline"]
+
+Pipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
+
+_KINDS = ("sd15", "sdxl")
+
+_SCHEDULER_CLASSES: dict[str, type[SchedulerMixin]] = {
+    "ddim": DDIMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "dpm": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
+}
+
+# Scheduler configs as shipped with the checkpoints (runwayml/stable-diffusion-v1-5,
+# stabilityai/stable-diffusion-xl-base-1.0). The keys the class does not use are kept on purpose:
+# `X.from_config(pipe.scheduler.config)` reads them (DDIM's `clip_sample`, `set_alpha_to_one`).
+_SD15_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "trained_betas": None,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+}
+_SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
+    **_SD15_SCHEDULER_CONFIG,
+    "interpolation_type": "linear",
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "timestep_spacing": "leading",
+    "use_karras_sigmas": False,
+}
+
+_SD15_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
+    "up_block_types": (
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ),
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    # diffusers' legacy name: for these UNets `attention_head_dim` is the number of heads.
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+    "norm_num_groups": 32,
+}
+_SDXL_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    # 6 micro-conditioning numbers (original size, crop, target size) x 256 + pooled text (1280).
+    "projection_class_embeddings_input_dim": 2816,
+    "norm_num_groups": 32,
+}
+
+_SD15_VAE_CONFIG: dict[str, Any] = {
+    "sample_size": 512,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+}
+_SDXL_VAE_CONFIG: dict[str, Any] = {
+    **_SD15_VAE_CONFIG,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "force_upcast": True,
+}
+
+# A few merges so that common words become single tokens, as with the real vocabulary.
+_TOKENIZER_MERGES = (
+    ("t", "h"),
+    ("th", "e</w>"),
+    ("a", "n"),
+    ("an", "d</w>"),
+    ("o", "f</w>"),
+    ("i", "n"),
+    ("in", "g</w>"),
+    ("c", "a"),
+    ("ca", "t</w>"),
+    ("d", "o"),
+    ("do", "g</w>"),
+)
+_BOS_TOKEN = "<|startoftext|>"
+_EOS_TOKEN = "<|endoftext|>"
+# SDXL's second tokenizer pads with "!" (id 0), its first with the end-of-text token.
+_SDXL_TOKENIZER_2_PAD_TOKEN = "!"
+# Bytes, word-final bytes, merges, start and end of text.
+_TOKENIZER_VOCAB_SIZE = 2 * 256 + len(_TOKENIZER_MERGES) + 2
+
+# CLIP ViT-L/14 (SD 1.5's encoder and SDXL's first) and OpenCLIP ViT-bigG/14 (SDXL's second).
+_CLIP_VIT_L_CONFIG: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+_CLIP_BIGG_CONFIG: dict[str, Any] = {
+    **_CLIP_VIT_L_CONFIG,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+
+_TINY_TEXT_OVERRIDES: dict[str, Any] = {
+    "vocab_size": _TOKENIZER_VOCAB_SIZE,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "projection_dim": 32,
+}
+_TINY_ADDITION_TIME_EMBED_DIM = 8
+
+# Tiny configs: the real ones with the sizes overridden, so block types and module names match.
+_TINY_UNET_CONFIGS: dict[str, dict[str, Any]] = {
+    "sd15": {
+        **_SD15_UNET_CONFIG,
+        "sample_size": 8,
+        "block_out_channels": (16, 32, 32, 32),
+        "attention_head_dim": 2,
+        "cross_attention_dim": _TINY_TEXT_OVERRIDES["hidden_size"],
+        "norm_num_groups": 8,
+    },
+    "sdxl": {
+        **_SDXL_UNET_CONFIG,
+        "sample_size": 16,
+        "block_out_channels": (16, 32, 32),
+        "transformer_layers_per_block": (1, 1, 2),
+        "attention_head_dim": (2, 4, 4),
+        "cross_attention_dim": 2 * _TINY_TEXT_OVERRIDES["hidden_size"],
+        "addition_time_embed_dim": _TINY_ADDITION_TIME_EMBED_DIM,
+        "projection_class_embeddings_input_dim": 6 * _TINY_ADDITION_TIME_EMBED_DIM
+        + _TINY_TEXT_OVERRIDES["projection_dim"],
+        "norm_num_groups": 8,
+    },
+}
+_TINY_VAE_OVERRIDES: dict[str, Any] = {
+    "block_out_channels": (8, 8, 16, 16),
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+}
+_TINY_VAE_CONFIGS: dict[str, dict[str, Any]] = {
+    "sd15": {**_SD15_VAE_CONFIG, **_TINY_VAE_OVERRIDES, "sample_size": 64},
+    "sdxl": {**_SDXL_VAE_CONFIG, **_TINY_VAE_OVERRIDES, "sample_size": 128},
+}
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable characters that byte-level BPE (GPT-2, CLIP) uses for the 256 bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    symbols = {byte: chr(byte) for byte in printable}
+    remapped = (byte for byte in range(256) if byte not in symbols)
+    symbols.update({byte: chr(256 + offset) for offset, byte in enumerate(remapped)})
+    return [symbols[byte] for byte in range(256)]
+
+
+def _clip_tokenizer(pad_token: str = _EOS_TOKEN) -> CLIPTokenizer:
+    """A CLIP tokenizer over a local vocabulary: every byte (alone and word-final), a few merges.
+
+    Laid out like CLIP's (bytes, word-final bytes, merges, then the two special tokens), so any
+    text tokenizes; ``model_max_length`` is 77 as in the real checkpoints.
+    """
+    symbols = _byte_symbols()
+    tokens = symbols + [symbol + "</w>" for symbol in symbols]
+    tokens += [left + right for left, right in _TOKENIZER_MERGES]
+    tokens += [_BOS_TOKEN, _EOS_TOKEN]
+    # Loading from files on disk is the one constructor path that transformers 4 and 5 share
+    # (transformers 5 ignores `vocab_file=`/`merges_file=` keyword arguments).
+    with tempfile.TemporaryDirectory(prefix="hrkernels-tokenizer-") as directory:
+        Path(directory, "vocab.json").write_text(
+            json.dumps({token: index for index, token in enumerate(tokens)}), encoding="utf-8"
+        )
+        merges = "\n".join(f"{left} {right}" for left, right in _TOKENIZER_MERGES)
+        Path(directory, "merges.txt").write_text(f"#version: 0.2\n{merges}\n", encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(
+            directory, model_max_length=77, pad_token=pad_token, local_files_only=True
+        )
+
+
+def _text_config(config: dict[str, Any], tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    """A ``CLIPTextConfig`` whose special-token ids are those of ``tokenizer``.
+
+    The eos id matters: the pooled output (SDXL's pooled text embedding) is read at the first eos.
+    """
+    return CLIPTextConfig(
+        **config,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed the CPU generator and ``device``'s own; restore both (and nothing else) on exit."""
+    accelerator = device.type not in ("cpu", "meta")
+    if accelerator:
+        device_module = torch.get_device_module(device.type)
+        index = device.index if device.index is not None else device_module.current_device()
+        with torch.random.fork_rng(devices=[index], device_type=device.type):
+            torch.default_generator.manual_seed(seed)
+            with device_module.device(index):
+                device_module.manual_seed(seed)
+            yield
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            yield
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+
+
+def _build_pipeline(
+    kind: str,
+    unet_config: dict[str, Any],
+    vae_config: dict[str, Any],
+    text_configs: tuple[dict[str, Any], dict[str, Any]] | None,
+    *,
+    seed: int,
+    init_device: torch.device,
+) -> Pipeline:
+    """Build the modules on ``init_device`` from ``seed`` (in float32) and assemble the pipeline.
+
+    ``text_configs`` holds the first and second text encoder configs (SD 1.5 uses only the first);
+    ``None`` leaves the text encoders out.
+    """
+    tokenizer = _clip_tokenizer()
+    tokenizer_2 = (
+        _clip_tokenizer(pad_token=_SDXL_TOKENIZER_2_PAD_TOKEN) if kind == "sdxl" else None
+    )
+    text_encoder = text_encoder_2 = None
+    with _seeded(seed, init_device), init_device:
+        unet = UNet2DConditionModel(**unet_config)
+        vae = AutoencoderKL(**vae_config)
+        if text_configs is not None:
+            text_encoder = CLIPTextModel(_text_config(text_configs[0], tokenizer))
+            if kind == "sdxl":
+                text_encoder_2 = CLIPTextModelWithProjection(
+                    _text_config(text_configs[1], tokenizer_2)
+                )
+    # Schedulers are built outside the device context: they keep their tables on the CPU.
+    if kind == "sd15":
+        pipe: Pipeline = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=PNDMScheduler.from_config(_SD15_SCHEDULER_CONFIG),
+            safety_checker=None,
+            feature_extractor=None,
+            image_encoder=None,
+            requires_safety_checker=False,
+        )
+    else:
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=EulerDiscreteScheduler.from_config(_SDXL_SCHEDULER_CONFIG),
+            image_encoder=None,
+            feature_extractor=None,
+            force_zeros_for_empty_prompt=True,
+            # The default adds an invisible watermark when the package is installed, which would
+            # make outputs depend on the environment.
+            add_watermarker=False,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _cast(pipe: Pipeline, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Move every module of ``pipe`` to ``device`` and ``dtype``, in place."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            # `torch.nn.Module.to`, not diffusers' `ModelMixin.to`: diffusers 0.42 logs a warning
+            # about float32-only modules on every dtype cast, even when a model has none.
+            torch.nn.Module.to(component, device=device, dtype=dtype)
+
+
+def tiny_pipeline(
+    kind: str = "sd15",
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    scheduler: str | None = None,
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """Build a tiny SD 1.5 or SDXL pipeline with random weights, for tests on CPU.
+
+    The pipeline is a real ``StableDiffusionPipeline`` (``kind="sd15"``) or
+    ``StableDiffusionXLPipeline`` (``kind="sdxl"``). Its UNet has the real model's topology (block
+    types, layers per block, resnets, attentions, down/upsamplers, so module names such as
+    ``down_blocks.3``, ``mid_block`` or ``up_blocks.0.upsamplers.0.conv`` exist as in the real one;
+    SDXL's has the ``text_time`` additional embedding and transformer depths ``(1, 1, 2)``) but
+    channels ``16``/``32``, so a UNet evaluation at 32x32 latents takes milliseconds. The VAE has
+    four levels (``vae_scale_factor == 8``), the text encoders are two-layer CLIPs of width 32
+    (SDXL's second with a 32-wide projection), the tokenizers are CLIP tokenizers over a small
+    local byte-level vocabulary (any text tokenizes; ``model_max_length`` 77), and the scheduler is
+    the one the real checkpoint ships: ``PNDMScheduler`` for SD 1.5, ``EulerDiscreteScheduler`` for
+    SDXL, with their real configs. There is no safety checker, no watermarker and no progress bar.
+
+    Base resolution (``unet.config.sample_size * vae_scale_factor``, the pipeline's default
+    ``height``/``width``): 64 px (8x8 latents) for ``"sd15"``, 128 px (16x16 latents) for
+    ``"sdxl"``. Latent sides must be multiples of 8 for ``"sd15"`` (three downsamplers) and of 4
+    for ``"sdxl"`` (two), i.e. image sides multiples of 64 and 32 pixels.
+
+    The modules are initialised on the CPU from ``seed`` (the global RNG state is left untouched)
+    and then moved to ``device`` and ``dtype``, so the same seed gives bitwise identical weights on
+    every call and every device.
+
+    Args:
+        kind: ``"sd15"`` or ``"sdxl"``.
+        seed: seed of the weight initialisation.
+        dtype: floating dtype of every module.
+        device: device of every module.
+        scheduler: ``None`` keeps the checkpoint's scheduler; ``"ddim"``, ``"euler"``, ``"dpm"``
+            (DPM-Solver++ multistep) or ``"unipc"`` swaps in that class built with
+            ``from_config(pipe.scheduler.config)``, as users do with real checkpoints.
+
+    Returns:
+        The pipeline, in ``dtype`` on ``device``.
+
+    Raises:
+        ValueError: ``kind`` or ``scheduler`` is not one of the values above.
+
+    Example:
+        >>> pipe = tiny_pipeline("sd15")
+        >>> latents = pipe("a cat", num_inference_steps=2, output_type="latent").images
+        >>> tuple(latents.shape)
+        (1, 4, 8, 8)
+    """
+    _check_kind(kind)
+    if scheduler is not None and scheduler not in _SCHEDULER_CLASSES:
+        raise ValueError(
+            f"scheduler must be None or one of {tuple(_SCHEDULER_CLASSES)}, got {scheduler!r}"
+        )
+    text_configs = (
+        {**_CLIP_VIT_L_CONFIG, **_TINY_TEXT_OVERRIDES},
+        {**_CLIP_BIGG_CONFIG, **_TINY_TEXT_OVERRIDES},
+    )
+    pipe = _build_pipeline(
+        kind,
+        _TINY_UNET_CONFIGS[kind],
+        _TINY_VAE_CONFIGS[kind],
+        text_configs,
+        seed=seed,
+        init_device=torch.device("cpu"),
+    )
+    if scheduler is not None:
+        pipe.scheduler = _SCHEDULER_CLASSES[scheduler].from_config(pipe.scheduler.config)
+    _cast(pipe, device, dtype)
+    return pipe
+
+
+def random_pipeline(
+    kind: str = "sdxl",
+    dtype: torch.dtype = torch.float16,
+    device: str | torch.device = "cuda",
+    *,
+    seed: int = 0,
+    with_text_encoders: bool = True,
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """Build a full-size SD 1.5 or SDXL pipeline with random weights, for GPU timing.
+
+    The configs are those of runwayml/stable-diffusion-v1-5 and
+    stabilityai/stable-diffusion-xl-base-1.0, written out in this module: the UNet (859.5M
+    parameters for SD 1.5, 2567.5M for SDXL), the VAE (83.7M; SDXL's with ``scaling_factor``
+    0.13025), CLIP ViT-L/14 as text encoder (123.1M) and, for SDXL, OpenCLIP ViT-bigG/14 with
+    projection as second text encoder (694.7M), and the checkpoint's scheduler
+    (``PNDMScheduler``/``EulerDiscreteScheduler``). The tokenizers are the small local ones of
+    :func:`tiny_pipeline`; the text encoders keep the real 49408-entry embedding tables, so their
+    cost is the real one. Base resolution: 512 px for SD 1.5, 1024 px for SDXL.
+
+    The weights have the default (random) initialisation, so images are noise, but every tensor
+    shape and every kernel launched is the real one. The modules are created directly on
+    ``device`` (``"meta"`` builds them without allocating memory) from ``seed``; the global RNG
+    state is left untouched. The same seed gives the same weights on the same device type, not
+    across device types.
+
+    Args:
+        kind: ``"sd15"`` or ``"sdxl"``.
+        dtype: floating dtype of every module.
+        device: device on which the modules are created.
+        seed: seed of the weight initialisation.
+        with_text_encoders: ``False`` leaves out the text encoders (``text_encoder`` and
+            ``text_encoder_2`` are ``None``), saving their memory (1.6 GB in fp16 for SDXL) and
+            initialisation time. The caller must then pass the text embeddings: ``prompt_embeds``
+            of shape ``[B, 77, 768]`` (SD 1.5) or ``[B, 77, 2048]`` plus ``pooled_prompt_embeds``
+            ``[B, 1280]`` (SDXL), and for SD 1.5 with ``guidance_scale > 1`` also
+            ``negative_prompt_embeds`` (SDXL uses zeros for an empty negative prompt).
+
+    Returns:
+        The pipeline, in ``dtype`` on ``device``.
+
+    Raises:
+        ValueError: ``kind`` is not ``"sd15"`` or ``"sdxl"``.
+
+    Example:
+        >>> pipe = random_pipeline("sdxl", device="meta", with_text_encoders=False)
+        >>> sum(p.numel() for p in pipe.unet.parameters())
+        2567463684
+    """
+    _check_kind(kind)
+    if kind == "sd15":
+        unet_config, vae_config = _SD15_UNET_CONFIG, _SD15_VAE_CONFIG
+    else:
+        unet_config, vae_config = _SDXL_UNET_CONFIG, _SDXL_VAE_CONFIG
+    text_configs = (_CLIP_VIT_L_CONFIG, _CLIP_BIGG_CONFIG) if with_text_encoders else None
+    pipe = _build_pipeline(
+        kind, unet_config, vae_config, text_configs, seed=seed, init_device=torch.device(device)
+    )
+    _cast(pipe, device, dtype)
+    return pipe
