@@ -1,8 +1,8 @@
 """pytest-benchmark view of the op benchmarks (the same cases as ``hrkernels bench``).
 
-GPU: ``python -m pytest bench/test_ops.py`` times every GPU case with each provider (CUDA-synchronised
-calls). CPU: ``python -m pytest bench/test_ops.py --benchmark-disable`` runs the small cases once as
-a smoke test. For the table with GB/s and speedups, use ``hrkernels bench``.
+GPU: ``python -m pytest bench/test_ops.py`` times every GPU case with each provider
+(CUDA-synchronised calls). CPU: ``python -m pytest bench/test_ops.py --benchmark-disable`` runs the
+small cases once as a smoke test. For the table with GB/s and speedups, use ``hrkernels bench``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def compiled():
 def test_op(benchmark, case, provider, compiled):
     inputs = case.make(DEVICE, DTYPE)
     if provider == "torch.compile":
-        function = compiled.setdefault(id(case), torch.compile(case.reference))
+        function = compiled.setdefault(
+            id(case), torch.compile(case.compiled_reference or case.reference))
     else:
         function = case.run if provider == "hrkernels" else case.reference
     function(inputs)  # warm-up (and compilation)

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="time the ops against the PyTorch reference (eager and compiled)")
     bench.add_argument("--out", default="bench/results",
-                       help="directory for the JSON, Markdown and PNG results (default: %(default)s)")
+                       help="directory for the JSON, Markdown and PNG results "
+                            "(default: %(default)s)")
     bench.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     bench.add_argument("--dtype", choices=sorted(DTYPES),
                        help="data type (default: fp16 on a GPU, fp32 on a CPU)")

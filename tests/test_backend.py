@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hrkernels.ops import BackendUnavailableError, gather_dilated, select_backend, use_backend
-from hrkernels.ops import _backend
+from hrkernels.ops import (
+    BackendUnavailableError,
+    _backend,
+    gather_dilated,
+    select_backend,
+    use_backend,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,7 @@
 """Benchmarks of hrkernels: op microbenchmarks (``hrkernels bench``) and their harness.
 
 Every op family describes its benchmark cases in ``hrkernels/bench/<family>.py`` (a list
-``CASES`` of :class:`~hrkernels.bench.registry.BenchCase`); :mod:`hrkernels.bench.harness` times them
-with three providers (the PyTorch reference in eager mode, the same reference under
+``CASES`` of :class:`~hrkernels.bench.registry.BenchCase`); :mod:`hrkernels.bench.harness` times
+them with three providers (the PyTorch reference in eager mode, the same reference under
 ``torch.compile``, and hrkernels) and writes JSON, Markdown and a PNG chart.
 """

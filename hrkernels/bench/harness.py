@@ -99,10 +99,13 @@ def run_cases(
     log(f"copy bandwidth on {device.type}: {bandwidth:.0f} GB/s")
     results: list[Result] = []
     for case in cases:
+        # The cases of a family share their reference's code object: without a reset, dynamo's
+        # recompile limit would make later cases' "torch.compile" rows silently run eager.
+        torch._dynamo.reset()
         inputs = case.make(device, dtype)
         functions: dict[str, Callable[[Inputs], Any]] = {
             "torch": case.reference,
-            "torch.compile": torch.compile(case.reference),
+            "torch.compile": torch.compile(case.compiled_reference or case.reference),
             "hrkernels": case.run,
         }
         expected = _first_tensor(case.reference(inputs))
@@ -114,7 +117,7 @@ def run_cases(
             output = _first_tensor(function(inputs))  # also compiles / warms up
             error = (output.float() - expected.float()).abs().max().item()
             first_call = time.perf_counter() - started
-            milliseconds = time_ms(lambda function=function: function(inputs), device)
+            milliseconds = time_ms(lambda f=function, i=inputs: f(i), device)
             if first_call > 5:
                 log(f"  ({case.op} {case.label} {provider}: first call took {first_call:.0f} s)")
             result = Result(case.op, case.label, provider, backend, milliseconds,
@@ -154,7 +157,8 @@ def format_row(result: Result) -> str:
 
 
 TABLE_HEADER = (
-    "| op | shape | provider | backend | ms | GB/s | % copy BW | TFLOP/s | vs torch | vs compile |\n"
+    "| op | shape | provider | backend | ms | GB/s | % copy BW | TFLOP/s | vs torch "
+    "| vs compile |\n"
     "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 )
 
@@ -220,7 +224,8 @@ def device_tag(env: dict[str, str]) -> str:
 
 def write_results(results: list[Result], bandwidth: float, dtype: torch.dtype, out_dir: Path,
                   prefix: str = "ops") -> list[Path]:
-    """Write ``<prefix>_<device>.json``, ``.md`` and ``.png`` under ``out_dir``; return the paths."""
+    """Write ``<prefix>_<device>.json``, ``.md`` and ``.png`` under ``out_dir``; returns the
+    paths written."""
     env = environment()
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{prefix}_{device_tag(env)}"

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 # The modules (``hrkernels/bench/<family>.py``) that define ``CASES``; one line per op family.
-FAMILIES = ("views",)
+FAMILIES = ("views", "conv", "blur", "stats")
 
 Inputs = dict[str, Any]
 
@@ -30,6 +30,8 @@ class BenchCase:
         flops: floating-point operations, for TFLOP/s; None for memory-bound ops.
         cpu: whether the case is small enough to run on a CPU (``hrkernels bench`` on a machine
             without a GPU runs only these).
+        compiled_reference: what the ``torch.compile`` provider compiles, when not ``reference``
+            itself (an equivalent formulation that compiles in reasonable time; say why).
     """
 
     op: str
@@ -40,6 +42,7 @@ class BenchCase:
     bytes_moved: Callable[[Inputs], int] | None = None
     flops: Callable[[Inputs], int] | None = None
     cpu: bool = False
+    compiled_reference: Callable[[Inputs], Any] | None = None
 
 
 def all_cases() -> list[BenchCase]:

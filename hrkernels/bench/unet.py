@@ -7,28 +7,30 @@ factor 2, METHODS.md). ``patched / unpatched`` is the overhead of re-dilation: t
 convolutions cost what plain ones do when ``hrkernels.ops.dilated_conv2d`` is at parity with
 cuDNN, so the ratio should be close to 1.
 
-Run on the GPU::
+Run on the GPU with ``bench/gpu.sh unet`` (calls :func:`main`), or::
 
-    python -c "import torch, json; from hrkernels.bench.unet import patched_unet_overhead; \
-print(json.dumps(patched_unet_overhead('cuda', torch.float16), indent=1))"
+    python -c "import torch; from hrkernels.bench.unet import patched_unet_overhead; \
+print(patched_unet_overhead('cuda', torch.float16))"
 """
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from hrkernels.nn import ReDilatedConvForward
-from hrkernels.patch import ReDilation, patched
-from hrkernels.patch.registry import patch_state
+from hrkernels.patching import ReDilation, patched
+from hrkernels.patching.registry import patch_state
 
-__all__ = ["SDXL_2048_PLAN", "patched_unet_overhead"]
+__all__ = ["SDXL_2048_PLAN", "main", "patched_unet_overhead"]
 
 # ScaleCrafter's SDXL 2048^2 plan (METHODS.md): the layers the official code dilated.
 SDXL_2048_PLAN = ReDilation({"mid_block": 2, "up_blocks.0": 2}, until_step=30)
@@ -172,3 +174,28 @@ def patched_unet_overhead(
         "triton": triton_version,
         "plan": {"layers": dict(spec.layers), "until_step": spec.until_step},
     }
+
+
+def main(out_dir: str | Path) -> int:
+    """``bench/gpu.sh unet``: run :func:`patched_unet_overhead` on CUDA in fp16 and write
+    ``unet_overhead.json`` and ``unet_overhead.md`` under ``out_dir``; 0 on success."""
+    if not torch.cuda.is_available():
+        print("patched_unet_overhead needs a CUDA GPU")
+        return 1
+    result = patched_unet_overhead("cuda", torch.float16)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "unet_overhead.json").write_text(json.dumps(result, indent=1) + "\n")
+    plan = ", ".join(f"{name}: {factor}" for name, factor in result["plan"]["layers"].items())
+    table = (
+        "| SDXL UNet forward, latent 2x4x256x256 (2048^2, CFG batch), fp16 | ms (median) |\n"
+        "| --- | --- |\n"
+        f"| unpatched | {result['unpatched_ms']:.1f} |\n"
+        f"| patched: {plan} ({result['redilated_layers']} convolutions) | "
+        f"{result['patched_ms']:.1f} |\n"
+        f"| overhead (patched / unpatched) | {result['ratio']:.3f} |\n\n"
+        f"{result['device_name']}, torch {result['torch']}, triton {result['triton']}\n"
+    )
+    (out / "unet_overhead.md").write_text(table)
+    print(table)
+    return 0

@@ -48,6 +48,10 @@ def _gather_windows_cases(label, shape, window, stride, jitter, channels_last, c
             run=lambda i: ops.scatter_windows_mean(i["views"], i["starts"], i["x"].shape[2:]),
             reference=lambda i: reference.scatter_windows_mean(
                 i["views"], i["starts"], tuple(i["x"].shape[2:]), None, i["memory_format"]),
+            # Compiling the per-view loop unrolls one slice-add per view (minutes of compilation);
+            # the loop-free index_add formulation is the stronger compiled baseline.
+            compiled_reference=lambda i: reference.scatter_windows_mean_indexed(
+                i["views"], i["starts"], tuple(i["x"].shape[2:]), None, i["memory_format"]),
             bytes_moved=lambda i: tensor_bytes(i["x"], i["views"]),
             cpu=cpu,
         ),

@@ -7,6 +7,9 @@ kernels; other devices run the PyTorch reference (``reference.py`` of each famil
 """
 
 from hrkernels.ops._backend import BackendUnavailableError, select_backend, use_backend
+from hrkernels.ops.blur import frequency_fusion, gaussian_blur2d, gaussian_kernel1d
+from hrkernels.ops.conv import dilated_conv2d, disperse_kernel, dispersion_matrix
+from hrkernels.ops.stats import match_stats
 from hrkernels.ops.views import (
     gather_dilated,
     gather_windows,
@@ -17,8 +20,15 @@ from hrkernels.ops.views import (
 
 __all__ = [
     "BackendUnavailableError",
+    "dilated_conv2d",
+    "disperse_kernel",
+    "dispersion_matrix",
+    "frequency_fusion",
     "gather_dilated",
     "gather_windows",
+    "gaussian_blur2d",
+    "gaussian_kernel1d",
+    "match_stats",
     "scatter_dilated",
     "scatter_windows_mean",
     "select_backend",

@@ -9,7 +9,8 @@ opaque to ``torch.compile``), from the input tensors' device and the requested b
   reference (a real implementation, not a test toy). If the tensors are on CUDA but Triton cannot be
   imported, the reference runs and a warning says so once.
 * ``triton``: always the Triton kernels. On CPU tensors this needs Triton's interpreter
-  (``TRITON_INTERPRET=1`` set before triton is imported); otherwise :class:`BackendUnavailableError`.
+  (``TRITON_INTERPRET=1`` set before triton is imported); otherwise
+  :class:`BackendUnavailableError`.
 * ``torch``: always the reference.
 * ``cuda``: the optional CUDA C++ extension; it is not built in this release, so forcing it raises
   :class:`BackendUnavailableError` naming the reason.
@@ -46,7 +47,8 @@ def _check_name(name: str, source: str) -> str:
 
 
 def requested_backend() -> str:
-    """The backend asked for: :func:`use_backend`'s if active, else ``HRKERNELS_BACKEND``, else auto."""
+    """The backend asked for: :func:`use_backend`'s if active, else ``HRKERNELS_BACKEND``, else
+    ``auto``."""
     override = _override.get()
     if override is not None:
         return override

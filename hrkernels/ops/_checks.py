@@ -1,7 +1,7 @@
 """Argument validation shared by the public op wrappers.
 
-Every public op checks its arguments here, before the registered operator runs, so that a user gets a
-``ValueError``/``TypeError`` that names the argument, what was given and what is allowed.
+Every public op checks its arguments here, before the registered operator runs, so that a user gets
+a ``ValueError``/``TypeError`` that names the argument, what was given and what is allowed.
 """
 
 from __future__ import annotations

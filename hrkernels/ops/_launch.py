@@ -1,13 +1,15 @@
 """Launch helpers shared by the Triton wrappers of every op family: tile shapes and grids.
 
-Kernels address feature maps by explicit strides and move a tile of ``[BLOCK_W, BLOCK_C]`` (columns x
-channels) of one row at a time. Which axis is contiguous decides the tile's shape: NCHW data wants a
-wide ``BLOCK_W``, channels-last data a wide ``BLOCK_C``. Triton specialises integer arguments equal to
-1, so the unit stride is known to the compiler and its loads and stores become 16-byte vectors.
+Kernels address feature maps by explicit strides and move a tile of ``[BLOCK_W, BLOCK_C]``
+(columns x channels) of one row at a time. Which axis is contiguous decides the tile's shape: NCHW
+data wants a wide ``BLOCK_W``, channels-last data a wide ``BLOCK_C``. Triton specialises integer
+arguments equal to 1, so the unit stride is known to the compiler and its loads and stores become
+16-byte vectors.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -35,8 +37,8 @@ class RowTile:
 def row_tile(channels: int, width: int, channels_contiguous: bool, elements: int = 4096) -> RowTile:
     """Pick a tile of about ``elements`` elements for rows of ``width`` x ``channels``.
 
-    The contiguous axis gets up to 128 (channels) or 256 (columns) elements, the other axis the rest.
-    Under Triton's interpreter tiles stay small, because the interpreter's cost grows with tile size.
+    The contiguous axis gets up to 128 (channels) or 256 (columns) elements, the other axis the
+    rest. Under Triton's interpreter tiles stay small: the interpreter's cost grows with tile size.
     """
     if interpreter_enabled():
         elements = 64
@@ -57,6 +59,22 @@ def channels_contiguous(*tensors: torch.Tensor) -> bool:
         if tensor.shape[1] > 1:
             return tensor.stride(1) == 1
     return False
+
+
+def image_offsets_fit_int32(*tensors: torch.Tensor) -> bool:
+    """True when, in each ``[B, ...]`` tensor, every element of one image is at an int32 offset from
+    the image's start (kernels that compute only the batch and row terms in int64 need this)."""
+    return all(sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True))
+               < 2**31 for t in tensors)
+
+
+@functools.cache
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached), for sizing grids; 1 elsewhere (the
+    interpreter runs programs one at a time)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # Tests set this (tests/conftest.py) so that every output a kernel allocates starts as NaN: an

@@ -53,8 +53,8 @@ def window_grid(
     """The (top, left) starts of the MultiDiffusion window grid over a ``height x width`` map.
 
     Per axis of length ``L``: ``n = ceil((L - window) / stride) + 1`` windows (1 when
-    ``L <= window``), starting at ``k * stride``, the last one clamped to ``L - window``. Windows are
-    listed row-major (all windows of the first row first).
+    ``L <= window``), starting at ``k * stride``, the last one clamped to ``L - window``. Windows
+    are listed row-major (all windows of the first row first).
 
     With ``jitter = j > 0`` every start moves by an integer drawn uniformly from ``[-j, j]``, except
     that a window touching the start border only moves outward (``[-j, 0]``), one touching the end
@@ -352,7 +352,8 @@ def _(views, sh, sw):
 
 
 def gather_dilated(x: torch.Tensor, factor: IntPair) -> torch.Tensor:
-    """Split a map into its dilated sub-lattices (DemoFusion's global views, APT, fast-mode attention).
+    """Split a map into its dilated sub-lattices (DemoFusion's global views, APT, FreeScale's
+    fast-mode attention).
 
     ``out[k*B + b, c, i, j] = x[b, c, i*sh + k // sw, j*sw + k % sw]`` with ``factor = (sh, sw)``.
 
@@ -379,7 +380,8 @@ def gather_dilated(x: torch.Tensor, factor: IntPair) -> torch.Tensor:
 
 
 def scatter_dilated(views: torch.Tensor, factor: IntPair) -> torch.Tensor:
-    """The exact inverse of :func:`gather_dilated`: ``[sh*sw*B, C, h, w]`` -> ``[B, C, h*sh, w*sw]``.
+    """The exact inverse of :func:`gather_dilated`:
+    ``[sh*sw*B, C, h, w]`` -> ``[B, C, h*sh, w*sw]``.
 
     Args:
         views: ``[sh*sw*B, C, h, w]`` fp32/fp16/bf16, any strides.

@@ -1,0 +1,10 @@
+"""Modules and forwards that call :mod:`hrkernels.ops` (the ``nn`` layer of hrkernels).
+
+* :class:`ReDilatedConvForward`: the forward a re-dilated ``nn.Conv2d`` runs (ScaleCrafter's
+  re-dilation, fractional "stretch" and dispersed convolution), installed on the instance by
+  :func:`hrkernels.patch`.
+"""
+
+from hrkernels.nn.conv import ReDilatedConvForward, check_redilatable
+
+__all__ = ["ReDilatedConvForward", "check_redilatable"]

@@ -1,0 +1,223 @@
+"""Triton kernels of the ``stats`` family: per-sub-lattice statistics and renormalisation.
+
+``match_stats`` runs two launches and never reads a statistic on the host:
+
+1. ``_lattice_partial_stats_kernel``: the elements of every group (image ``b``, sub-lattice ``k``,
+   and channel when per-channel) are split into ``NUM_CHUNKS`` chunks of tiles; each program reduces
+   one chunk to ``(count, mean, M2)`` in fp32 and writes it to its own slot of a partials buffer.
+2. ``_lattice_normalize_kernel``: each program combines the ``NUM_CHUNKS`` partials of its group
+   (the same fixed-order tree in every program, so every program gets bit-identical statistics) and
+   writes ``std / sigma_k * (x - mu_k) + mean`` for its chunk of tiles.
+
+No atomics: results are bitwise reproducible. Statistics are numerically stable: values are taken
+relative to a pivot (the group's first element), each tile is reduced two-pass in registers (mean,
+then squared deviations), and tiles and chunks are merged with Chan's parallel formulas. A constant
+sub-lattice therefore has exactly M2 = 0 (and becomes the constant target mean).
+
+A tile is ``[BLOCK_W, BLOCK_C]`` (sub-lattice columns x channels) of one sub-lattice row, the
+contiguous axis wide (``_launch.row_tile``). All sizes and strides are runtime arguments.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decompose(pid, NUM_CB, NUM_CHUNKS, K):
+    # program id -> (batch, lattice k, channel block of the group, chunk), sub-lattice fastest: the
+    # sh * sw programs that read the same full-resolution rows run together and share L2 sectors.
+    k = pid % K
+    rest = pid // K
+    group_cb = rest % NUM_CB
+    rest = rest // NUM_CB
+    chunk = rest % NUM_CHUNKS
+    batch = rest // NUM_CHUNKS
+    return batch, k, group_cb, chunk
+
+
+@triton.jit
+def _tile_offsets(
+    tile, group_cb, ki, kj, NUM_WB, NUM_CB_LOOP, C, WS, SH, SW,
+    stride_xc, stride_xh, stride_xw, PER_CHANNEL: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Offsets (without the batch term) and mask of one tile of the sub-lattice (ki, kj):
+    # tile index = (i * NUM_CB_LOOP + channel block) * NUM_WB + column block.
+    w_block = tile % NUM_WB
+    rest = tile // NUM_WB
+    if PER_CHANNEL:
+        c_block = group_cb
+        i = rest
+    else:
+        c_block = rest % NUM_CB_LOOP
+        i = rest // NUM_CB_LOOP
+    js = w_block * BLOCK_W + tl.arange(0, BLOCK_W)  # [BLOCK_W] sub-lattice columns
+    cs = c_block * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    offsets = ((i * SH + ki).to(tl.int64) * stride_xh + (js * SW + kj)[:, None] * stride_xw
+               + cs[None, :] * stride_xc)
+    mask = (js < WS)[:, None] & (cs < C)[None, :]
+    return offsets, mask
+
+
+@triton.jit
+def _pivot(x_ptr, batch_offset, ki, kj, group_cb, stride_xc, stride_xh, stride_xw,
+           PER_CHANNEL: tl.constexpr, BLOCK_C: tl.constexpr, C):
+    # The value statistics are taken relative to: the group's first element, per lane [BLOCK_C].
+    first = x_ptr + batch_offset + ki * stride_xh + kj * stride_xw
+    if PER_CHANNEL:
+        cs = group_cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        return tl.load(first + cs * stride_xc, mask=cs < C, other=0.0).to(tl.float32)
+    return tl.load(first + tl.zeros([BLOCK_C], dtype=tl.int32)).to(tl.float32)
+
+
+@triton.jit
+def _chan_merge(count, mean, m2, other_count, other_mean, other_m2):
+    # Merge two sets of (count, mean, M2) statistics (Chan, Golub and LeVeque); empty sets are fine.
+    total = count + other_count
+    fraction = other_count / tl.maximum(total, 1.0)
+    delta = other_mean - mean
+    return total, mean + delta * fraction, m2 + other_m2 + delta * delta * count * fraction
+
+
+@triton.jit
+def _lattice_partial_stats_kernel(
+    x_ptr, partial_ptr,
+    C, WS, SH, SW, NUM_WB, NUM_CB, NUM_CB_LOOP, NUM_CHUNKS, TILES, TILES_PER_CHUNK,
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    stride_pg, stride_pp,
+    PER_CHANNEL: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # grid: B * K * NUM_CB * NUM_CHUNKS. partial[group, chunk, 0:3] = (count, mean - pivot, M2)
+    # where group = b * K + k, or (b * K + k) * C + c per channel.
+    pid = tl.program_id(0)
+    batch, k, group_cb, chunk = _decompose(pid, NUM_CB, NUM_CHUNKS, SH * SW)
+    ki = k // SW
+    kj = k % SW
+    batch_offset = batch.to(tl.int64) * stride_xb
+    pivot = _pivot(x_ptr, batch_offset, ki, kj, group_cb, stride_xc, stride_xh, stride_xw,
+                   PER_CHANNEL, BLOCK_C, C)
+
+    # Running statistics per channel lane [BLOCK_C], merged tile by tile (Chan et al.).
+    count = tl.zeros([BLOCK_C], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    first_tile = chunk * TILES_PER_CHUNK
+    last_tile = tl.minimum(first_tile + TILES_PER_CHUNK, TILES)
+    for tile in range(first_tile, last_tile):
+        offsets, mask = _tile_offsets(tile, group_cb, ki, kj, NUM_WB, NUM_CB_LOOP, C, WS, SH, SW,
+                                      stride_xc, stride_xh, stride_xw, PER_CHANNEL,
+                                      BLOCK_W, BLOCK_C)
+        values = tl.load(x_ptr + batch_offset + offsets, mask=mask, other=0.0).to(tl.float32)
+        values = tl.where(mask, values - pivot[None, :], 0.0)  # [BLOCK_W, BLOCK_C]
+        tile_count = tl.sum(mask.to(tl.float32), axis=0)  # [BLOCK_C]
+        tile_mean = tl.sum(values, axis=0) / tl.maximum(tile_count, 1.0)
+        deviations = tl.where(mask, values - tile_mean[None, :], 0.0)
+        tile_m2 = tl.sum(deviations * deviations, axis=0)
+        count, mean, m2 = _chan_merge(count, mean, m2, tile_count, tile_mean, tile_m2)
+
+    lanes = tl.arange(0, BLOCK_C)
+    if PER_CHANNEL:
+        cs = group_cb * BLOCK_C + lanes
+        groups = (batch * SH * SW + k) * C + cs
+        slot = partial_ptr + groups.to(tl.int64) * stride_pg + chunk * stride_pp
+        tl.store(slot, count, mask=cs < C)
+        tl.store(slot + 1, mean, mask=cs < C)
+        tl.store(slot + 2, m2, mask=cs < C)
+    else:
+        # Merge the channel lanes: exact parallel formula, in a fixed tree order.
+        total = tl.sum(count, axis=0)
+        merged_mean = tl.sum(count * mean, axis=0) / tl.maximum(total, 1.0)
+        spread = mean - merged_mean
+        merged_m2 = tl.sum(m2 + count * spread * spread, axis=0)
+        slot = partial_ptr + (batch * SH * SW + k).to(tl.int64) * stride_pg + chunk * stride_pp
+        # Stored as [3] vectors (one lane each) so the store mask is a vector (interpreter).
+        fields = tl.arange(0, 4)
+        values = tl.where(fields == 0, total, tl.where(fields == 1, merged_mean, merged_m2))
+        tl.store(slot + fields, values, mask=fields < 3)
+
+
+@triton.jit
+def _lattice_normalize_kernel(
+    x_ptr, partial_ptr, out_ptr, mean_ptr, std_ptr, mean_value, std_value,
+    C, WS, SH, SW, NUM_WB, NUM_CB, NUM_CB_LOOP, NUM_CHUNKS, TILES, TILES_PER_CHUNK, GROUP_SIZE,
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    stride_ob, stride_oc, stride_oh, stride_ow,
+    stride_pg, stride_pp,
+    stride_mb, stride_mc, stride_sb, stride_sc,
+    PER_CHANNEL: tl.constexpr, MEAN_FROM_PTR: tl.constexpr, STD_FROM_PTR: tl.constexpr,
+    CHUNK_BLOCK: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # grid: B * K * NUM_CB * NUM_CHUNKS, the same chunks as the statistics pass but in reverse
+    # order: the tiles the statistics pass read last (still in L2) are normalised first.
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    batch, k, group_cb, chunk = _decompose(pid, NUM_CB, NUM_CHUNKS, SH * SW)
+    ki = k // SW
+    kj = k % SW
+    batch_offset = batch.to(tl.int64) * stride_xb
+    pivot = _pivot(x_ptr, batch_offset, ki, kj, group_cb, stride_xc, stride_xh, stride_xw,
+                   PER_CHANNEL, BLOCK_C, C)
+
+    # Combine the group's partials, CHUNK_BLOCK chunks at a time: [BLOCK_C, CHUNK_BLOCK] per
+    # channel, [1, CHUNK_BLOCK] otherwise (exact parallel formula in a block, Chan merge across).
+    lanes = tl.arange(0, BLOCK_C)
+    cs = group_cb * BLOCK_C + lanes
+    if PER_CHANNEL:
+        groups = ((batch * SH * SW + k) * C + cs)[:, None]
+        lane_ok = (cs < C)[:, None]
+        count = tl.zeros([BLOCK_C], dtype=tl.float32)
+    else:
+        groups = (batch * SH * SW + k) + tl.zeros([1, 1], dtype=tl.int32)
+        lane_ok = groups >= 0
+        count = tl.zeros([1], dtype=tl.float32)
+    mean = count
+    m2 = count
+    for first_chunk in range(0, NUM_CHUNKS, CHUNK_BLOCK):
+        chunks = first_chunk + tl.arange(0, CHUNK_BLOCK)[None, :]
+        slots = partial_ptr + groups.to(tl.int64) * stride_pg + chunks * stride_pp
+        ok = lane_ok & (chunks < NUM_CHUNKS)
+        counts = tl.load(slots, mask=ok, other=0.0)
+        means = tl.load(slots + 1, mask=ok, other=0.0)
+        block_count = tl.sum(counts, axis=1)
+        block_mean = tl.sum(counts * means, axis=1) / tl.maximum(block_count, 1.0)
+        spread = means - block_mean[:, None]
+        block_m2 = tl.sum(tl.load(slots + 2, mask=ok, other=0.0) + counts * spread * spread, axis=1)
+        count, mean, m2 = _chan_merge(count, mean, m2, block_count, block_mean, block_m2)
+    # Unbiased std (correction 1). A one-element sub-lattice has M2 = 0 exactly, so sigma = 0 (where
+    # torch.std would give nan) and it becomes the target mean.
+    sigma = tl.sqrt(m2 / tl.maximum(GROUP_SIZE - 1, 1).to(tl.float32))
+    mu = pivot + mean  # [BLOCK_C] (or [1], broadcast over the lanes)
+
+    if PER_CHANNEL:
+        target_offsets_m = batch * stride_mb + cs * stride_mc
+        target_offsets_s = batch * stride_sb + cs * stride_sc
+        target_ok = cs < C
+    else:
+        target_offsets_m = batch * stride_mb + tl.zeros([BLOCK_C], dtype=tl.int32)
+        target_offsets_s = batch * stride_sb + tl.zeros([BLOCK_C], dtype=tl.int32)
+        target_ok = lanes >= 0
+    if MEAN_FROM_PTR:
+        target_mean = tl.load(mean_ptr + target_offsets_m, mask=target_ok, other=0.0)
+        target_mean = target_mean.to(tl.float32)
+    else:
+        target_mean = mean_value + tl.zeros([BLOCK_C], dtype=tl.float32)
+    if STD_FROM_PTR:
+        target_std = tl.load(std_ptr + target_offsets_s, mask=target_ok, other=0.0).to(tl.float32)
+    else:
+        target_std = std_value + tl.zeros([BLOCK_C], dtype=tl.float32)
+    spread_ok = sigma > 0.0  # False for sigma == 0 (constant sub-lattice) and for NaN
+    scale = tl.where(spread_ok, target_std / tl.where(spread_ok, sigma, 1.0), 0.0)
+
+    first_tile = chunk * TILES_PER_CHUNK
+    last_tile = tl.minimum(first_tile + TILES_PER_CHUNK, TILES)
+    for tile in range(first_tile, last_tile):
+        offsets, mask = _tile_offsets(tile, group_cb, ki, kj, NUM_WB, NUM_CB_LOOP, C, WS, SH, SW,
+                                      stride_xc, stride_xh, stride_xw, PER_CHANNEL,
+                                      BLOCK_W, BLOCK_C)
+        out_offsets, _ = _tile_offsets(tile, group_cb, ki, kj, NUM_WB, NUM_CB_LOOP, C, WS, SH, SW,
+                                       stride_oc, stride_oh, stride_ow, PER_CHANNEL,
+                                       BLOCK_W, BLOCK_C)
+        values = tl.load(x_ptr + batch_offset + offsets, mask=mask, other=0.0).to(tl.float32)
+        result = tl.where(spread_ok[None, :], scale[None, :] * (values - mu[None, :])
+                          + target_mean[None, :], target_mean[None, :])
+        tl.store(out_ptr + batch.to(tl.int64) * stride_ob + out_offsets,
+                 result.to(out_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,239 @@
+"""The ``stats`` op: statistical matching of dilated sub-lattices (APT) and global renormalisation
+(DemoFusion). The public wrapper validates, the registered ``hrkernels::match_stats`` operator
+dispatches (see ``hrkernels/ops/_backend.py``), the Triton launcher sizes the two launches."""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hrkernels.ops._backend import interpreter_enabled, select_backend
+from hrkernels.ops._checks import as_pair, check_feature_map, output_memory_format
+from hrkernels.ops._launch import (
+    channels_contiguous,
+    empty_output,
+    image_offsets_fit_int32,
+    multiprocessor_count,
+    row_tile,
+)
+from hrkernels.ops.stats import reference
+
+Target = float | torch.Tensor
+
+# The normalisation pass combines at most this many partials per group (a constexpr: one compile).
+MAX_CHUNKS = 64
+
+
+def _check_target(value: Target, name: str, x: torch.Tensor,
+                  per_channel: bool) -> tuple[float, torch.Tensor | None]:
+    """``(value, None)`` for a number; ``(0.0, view)`` for a tensor, broadcast (without a copy) to
+    ``[B]`` or ``[B, C]`` and left on the device."""
+    batch, channels = x.shape[:2]
+    shape = (batch, channels) if per_channel else (batch,)
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a float or a floating-point tensor; got {value.dtype}")
+        if value.device != x.device:
+            raise ValueError(f"{name} is on {value.device} but x is on {x.device}")
+        try:
+            return 0.0, torch.broadcast_to(value, shape)
+        except RuntimeError:
+            wanted = "[B, C] (per-image targets are [B, 1])" if per_channel else "[B]"
+            raise ValueError(f"{name} must be broadcastable to {wanted} = {list(shape)}; got shape "
+                             f"{tuple(value.shape)}") from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float or a tensor; got {type(value).__name__}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite; got {value!r}")
+    if name == "std" and number < 0:
+        raise ValueError(f"std must be >= 0; got {value!r}")
+    return number, None
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton launcher
+# --------------------------------------------------------------------------------------------------
+
+
+def _chunk_block(per_channel: bool, block_c: int) -> int:
+    """Partials the normalisation pass combines at a time: all of them for per-image groups, about
+    2048 values (``BLOCK_C`` channels x chunks) per step per channel, to stay in registers. Under
+    the interpreter 2, so that the tiny test maps also go through the merge across steps."""
+    if interpreter_enabled():
+        return 2
+    if not per_channel:
+        return MAX_CHUNKS
+    return max(1, min(MAX_CHUNKS, 2048 // block_c))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How ``match_stats`` launches for one shape/layout: tiles, chunks, grid, kernel sizes."""
+
+    block_w: int
+    block_c: int
+    num_warps: int
+    sizes: tuple[int, ...]  # C, WS, SH, SW, NUM_WB, NUM_CB, NUM_CB_LOOP, NUM_CHUNKS, TILES, TPC
+    groups: int
+    chunks: int
+    group_size: int
+    chunk_block: int
+    grid: tuple[int]
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(shape: tuple[int, ...], channels_last_tiles: bool, sh: int, sw: int, per_channel: bool,
+          device: torch.device) -> _Plan:
+    """The launch plan (cached: the op is launch-bound at latent sizes, so a repeated call only
+    allocates and launches)."""
+    batch, channels, height, width = shape
+    lattice_h, lattice_w = height // sh, width // sw
+    tile = row_tile(channels, lattice_w, channels_last_tiles)
+    blocks_w, blocks_c = tile.blocks(lattice_w, channels)
+    group_blocks_c = blocks_c if per_channel else 1  # channel blocks that are separate groups
+    loop_blocks_c = 1 if per_channel else blocks_c  # channel blocks inside one group
+    tiles = lattice_h * loop_blocks_c * blocks_w  # tiles per (image, sub-lattice, group block)
+    units = batch * sh * sw * group_blocks_c
+
+    # Chunks per group: enough programs to fill the GPU (4 per SM), at most MAX_CHUNKS. Per channel
+    # every program of the normalisation pass reads [BLOCK_C, chunks] partials, so chunks are also
+    # kept small against the tile data each program moves.
+    target = 8 if interpreter_enabled() else 4 * multiprocessor_count(device)
+    chunks = max(1, min(-(-target // units), MAX_CHUNKS, tiles))
+    if per_channel:
+        chunks = max(1, min(chunks, math.isqrt(tiles * tile.block_w // 48)))
+    tiles_per_chunk = -(-tiles // chunks)
+    chunks = -(-tiles // tiles_per_chunk)
+    return _Plan(
+        block_w=tile.block_w, block_c=tile.block_c, num_warps=tile.num_warps,
+        sizes=(channels, lattice_w, sh, sw, blocks_w, group_blocks_c, loop_blocks_c, chunks, tiles,
+               tiles_per_chunk),
+        groups=batch * sh * sw * (channels if per_channel else 1), chunks=chunks,
+        group_size=lattice_h * lattice_w * (1 if per_channel else channels),
+        chunk_block=_chunk_block(per_channel, tile.block_c), grid=(units * chunks,),
+    )
+
+
+def _match_stats_triton(
+    x: torch.Tensor, mean_value: float, mean_tensor: torch.Tensor | None, std_value: float,
+    std_tensor: torch.Tensor | None, sh: int, sw: int, per_channel: bool,
+) -> torch.Tensor:
+    from hrkernels.ops.stats.kernels import (
+        _lattice_normalize_kernel,
+        _lattice_partial_stats_kernel,
+    )
+
+    out = empty_output(tuple(x.shape), x.dtype, x.device, output_memory_format(x))
+    plan = _plan(tuple(x.shape), channels_contiguous(x, out), sh, sw, per_channel, x.device)
+    partials = torch.empty((plan.groups, plan.chunks, 3), dtype=torch.float32, device=x.device)
+    _lattice_partial_stats_kernel[plan.grid](
+        x, partials, *plan.sizes, *x.stride(), plan.chunks * 3, 3,
+        PER_CHANNEL=per_channel, BLOCK_W=plan.block_w, BLOCK_C=plan.block_c,
+        num_warps=plan.num_warps,
+    )
+    # Strides of the [B] / [B, C] target views (stride 0 where broadcast); unused for floats.
+    mean_strides = (*mean_tensor.stride(), 0)[:2] if mean_tensor is not None else (0, 0)
+    std_strides = (*std_tensor.stride(), 0)[:2] if std_tensor is not None else (0, 0)
+    _lattice_normalize_kernel[plan.grid](
+        x, partials, out, x if mean_tensor is None else mean_tensor,
+        x if std_tensor is None else std_tensor, mean_value, std_value,
+        *plan.sizes, plan.group_size, *x.stride(), *out.stride(), plan.chunks * 3, 3,
+        *mean_strides, *std_strides,
+        PER_CHANNEL=per_channel, MEAN_FROM_PTR=mean_tensor is not None,
+        STD_FROM_PTR=std_tensor is not None, CHUNK_BLOCK=plan.chunk_block,
+        BLOCK_W=plan.block_w, BLOCK_C=plan.block_c, num_warps=plan.num_warps,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# match_stats
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("hrkernels::match_stats", mutates_args=())
+def _match_stats_op(
+    x: torch.Tensor, mean_value: float, mean_tensor: torch.Tensor | None, std_value: float,
+    std_tensor: torch.Tensor | None, sh: int, sw: int, per_channel: bool,
+) -> torch.Tensor:
+    if select_backend("match_stats", x.device) == "triton" and image_offsets_fit_int32(x):
+        return _match_stats_triton(x, mean_value, mean_tensor, std_value, std_tensor, sh, sw,
+                                   per_channel)
+    mean = mean_value if mean_tensor is None else mean_tensor
+    std = std_value if std_tensor is None else std_tensor
+    return reference.match_stats(x, mean, std, (sh, sw), per_channel, output_memory_format(x))
+
+
+@_match_stats_op.register_fake
+def _(x, mean_value, mean_tensor, std_value, std_tensor, sh, sw, per_channel):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device,
+                       memory_format=output_memory_format(x))
+
+
+def match_stats(
+    x: torch.Tensor,
+    mean: Target,
+    std: Target,
+    factor: int | Sequence[int] = (1, 1),
+    per_channel: bool = False,
+) -> torch.Tensor:
+    """Give every dilated sub-lattice of ``x`` a target mean and standard deviation.
+
+    For each image ``b`` and sub-lattice ``k`` of ``factor = (sh, sw)``
+    (``x[b, :, ki::sh, kj::sw]``, ``k = ki * sw + kj``, the order of :func:`gather_dilated`), with
+    ``mu_k``, ``sigma_k`` the mean and standard deviation of that sub-lattice (over C, h, w; over
+    h, w for each channel when ``per_channel``; torch's default correction 1)::
+
+        out = std / sigma_k * (x - mu_k) + mean
+
+    written back in place of the sub-lattice (the output has ``x``'s shape). Where ``sigma_k == 0``
+    (a constant sub-lattice, or one of a single element, whose unbiased std is undefined) the
+    sub-lattice becomes the constant ``mean``; so does a sub-lattice holding NaN.
+
+    ``factor=(1, 1)`` is DemoFusion's global renormalisation; the stage's factor is APT's
+    statistical matching. Statistics are fp32 and deterministic (bitwise the same run to run). On
+    CUDA it is two Triton launches with no host synchronisation: statistics per chunk of each
+    sub-lattice, then a pass that combines them and writes the output (see ``stats/README.md``).
+
+    Args:
+        x: ``[B, C, H, W]`` fp32/fp16/bf16, any strides; ``H % sh == 0`` and ``W % sw == 0``.
+        mean, std: targets; finite floats (``std >= 0``), or float tensors on ``x``'s device
+            broadcastable to ``[B]`` (``[B, C]`` when ``per_channel``; a per-image target is then
+            ``[B, 1]``). Tensors are read on the device and not checked.
+        factor: int or ``(sh, sw)``, each ``>= 1``.
+        per_channel: statistics per channel instead of over all channels.
+
+    Returns:
+        ``[B, C, H, W]`` with ``x``'s dtype; channels-last when ``x`` is.
+
+    Raises:
+        TypeError: ``x`` not a float tensor; ``mean``/``std`` not a number or float tensor;
+            ``factor`` not int(s); ``per_channel`` not a bool.
+        ValueError: ``x`` not 4-D or empty; ``H``/``W`` not divisible by the factor; a non-finite
+            float target or ``std < 0``; a target tensor on another device or of a shape that does
+            not broadcast.
+
+    Example::
+
+        >>> z = torch.randn(1, 4, 256, 256) * 3 + 1
+        >>> ref = torch.randn(1, 4, 128, 128)
+        >>> out = match_stats(z, ref.mean(), ref.std(), factor=(2, 2))   # APT, stage 2
+        >>> out[:, :, 0::2, 1::2].std().item()  # doctest: +SKIP
+        1.0...
+    """
+    check_feature_map(x)
+    sh, sw = as_pair(factor, "factor")
+    if x.shape[2] % sh or x.shape[3] % sw:
+        raise ValueError(f"x's spatial size {tuple(x.shape[2:])} must be divisible by factor "
+                         f"({sh}, {sw}); pad it first")
+    if not isinstance(per_channel, bool):
+        raise TypeError(f"per_channel must be a bool; got {per_channel!r}")
+    mean_value, mean_tensor = _check_target(mean, "mean", x, per_channel)
+    std_value, std_tensor = _check_target(std, "std", x, per_channel)
+    return _match_stats_op(x, mean_value, mean_tensor, std_value, std_tensor, sh, sw, per_channel)

@@ -1,0 +1,217 @@
+"""Pure functions on noise tables and per-stage plans, shared by the samplers.
+
+Nothing here touches a model: inputs are numbers (and, for :func:`cosine_decay`, optionally a
+tensor of timesteps), outputs are numbers, tuples or small CPU tensors. See METHODS.md ("Common",
+"DemoFusion", "APT") for the formulas.
+
+* :func:`cosine_decay` -- ``c(t) = (0.5 * (1 + cos(pi * (T - t) / T))) ** alpha``.
+* :func:`scale_aware_betas` -- APT's beta table
+  ``beta_t = (b0^eta + t (bT^eta - b0^eta) / T')^(1/eta)``.
+* :func:`apt_default_eta` -- APT's ``eta_s`` for a stage's upscale factor (paper, Table B).
+* :func:`stage_sizes` -- DemoFusion's progressive stage sizes.
+* :func:`sublattice_factor` -- APT's statistical-matching lattice of a stage.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "apt_default_eta",
+    "cosine_decay",
+    "scale_aware_betas",
+    "stage_sizes",
+    "sublattice_factor",
+]
+
+# APT, Table B: the best eta_s for a stage that upsamples by 2.0, 1.5 and 4/3 (the "1.33"/"1.3" of
+# the paper: the third stage of a x4 run), as (upscale factor, eta) in increasing factor order.
+_APT_ETA_TABLE: tuple[tuple[float, float], ...] = ((4.0 / 3.0, 3.5), (1.5, 3.0), (2.0, 2.0))
+
+
+def _check_positive_int(value: int, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int; got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1; got {value}")
+
+
+def cosine_decay(
+    timestep: float | torch.Tensor, num_train_timesteps: int = 1000, alpha: float = 1.0
+) -> float | torch.Tensor:
+    """The cosine decay ``c(t) = (0.5 * (1 + cos(pi * (T - t) / T))) ** alpha`` (METHODS.md,
+    Common).
+
+    ``c(T) = 1`` (the first, noisiest steps) and ``c(0) = 0``; DemoFusion uses it with
+    ``alpha = 3, 1, 1`` for the skip residual, the fusion weight and the blur, APT likewise,
+    FreeScale with ``alpha = 2``.
+
+    Args:
+        timestep: a timestep value ``t`` (a float, or a float/int tensor of any shape: the
+            formula is applied elementwise in float64 on the tensor's device).
+        num_train_timesteps: ``T``, ``>= 1`` (``scheduler.config.num_train_timesteps``).
+        alpha: exponent ``>= 0``.
+
+    Returns:
+        A Python float for a number, a float64 tensor of the same shape for a tensor.
+
+    Raises:
+        ValueError: ``num_train_timesteps < 1`` or ``alpha < 0``.
+
+    Example::
+
+        >>> round(cosine_decay(500, 1000, alpha=1.0), 6)
+        0.5
+    """
+    _check_positive_int(num_train_timesteps, "num_train_timesteps")
+    if not alpha >= 0:
+        raise ValueError(f"alpha must be >= 0; got {alpha!r}")
+    T = num_train_timesteps
+    if isinstance(timestep, torch.Tensor):
+        t = timestep.to(torch.float64)
+        return (0.5 * (1.0 + torch.cos(math.pi * (T - t) / T))) ** alpha
+    return (0.5 * (1.0 + math.cos(math.pi * (T - float(timestep)) / T))) ** alpha
+
+
+def scale_aware_betas(
+    beta_start: float, beta_end: float, eta: float, num_train_timesteps: int = 1000
+) -> torch.Tensor:
+    """APT's scale-aware beta table (paper eq. 5):
+    ``beta_t = (b0^eta + t * (bT^eta - b0^eta) / T')^(1/eta)``.
+
+    ``t = 0 .. T-1`` indexes the table of a diffusers scheduler (``T = num_train_timesteps``), whose
+    first entry is ``beta_start`` and last ``beta_end``. The paper writes the divisor as ``T`` with
+    ``t = 0 .. T``, i.e. ``T`` *intervals* between the two ends; a diffusers table has ``T``
+    entries, hence ``T' = T - 1`` intervals. So the table is computed exactly as diffusers builds
+    its own schedules, ``torch.linspace(b0**eta, bT**eta, T, dtype=float32) ** (1/eta)``: at
+    ``eta = 0.5`` it is bitwise the ``"scaled_linear"`` table of SD 1.5/2.x/SDXL, at ``eta = 1``
+    the ``"linear"`` one. Larger ``eta`` makes the noise grow faster (APT uses 2 to 3.5 in later
+    stages).
+
+    Args:
+        beta_start: ``beta_0 > 0`` (``scheduler.config.beta_start``).
+        beta_end: ``beta_T > 0`` (``scheduler.config.beta_end``).
+        eta: the exponent ``eta > 0``.
+        num_train_timesteps: ``T >= 2``.
+
+    Returns:
+        ``float32`` CPU tensor ``[T]`` of betas (pass as ``trained_betas`` to a scheduler).
+
+    Raises:
+        ValueError: non-positive ``beta_start``, ``beta_end`` or ``eta``, or ``T < 2``.
+
+    Example::
+
+        >>> betas = scale_aware_betas(0.00085, 0.012, 0.5)
+        >>> bool(torch.equal(betas, torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2))
+        True
+    """
+    _check_positive_int(num_train_timesteps, "num_train_timesteps")
+    if num_train_timesteps < 2:
+        raise ValueError(f"num_train_timesteps must be >= 2; got {num_train_timesteps}")
+    for name, value in (("beta_start", beta_start), ("beta_end", beta_end), ("eta", eta)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be a number > 0; got {value!r}")
+    eta = float(eta)
+    start, end = float(beta_start) ** eta, float(beta_end) ** eta
+    return torch.linspace(start, end, num_train_timesteps, dtype=torch.float32) ** (1.0 / eta)
+
+
+def apt_default_eta(upscale_factor: float) -> float:
+    """APT's default ``eta_s`` for a stage that upsamples by ``upscale_factor`` (paper, Table B).
+
+    ``2.0 -> 2``, ``1.5 -> 3``, ``4/3 -> 3.5`` (the paper's "1.33"), linear in between, clamped
+    outside (``>= 2`` gives 2, ``<= 4/3`` gives 3.5). The upscale factor of stage ``s`` is its long
+    side over stage ``s - 1``'s: with DemoFusion's stages that is ``s / (s - 1)``.
+
+    Args:
+        upscale_factor: a number > 0.
+
+    Returns:
+        ``eta_s`` as a float.
+
+    Raises:
+        ValueError: ``upscale_factor`` not a positive number.
+
+    Example::
+
+        >>> apt_default_eta(2.0), apt_default_eta(1.75), apt_default_eta(1.2)
+        (2.0, 2.5, 3.5)
+    """
+    if (isinstance(upscale_factor, bool) or not isinstance(upscale_factor, (int, float))
+            or not upscale_factor > 0):
+        raise ValueError(f"upscale_factor must be a number > 0; got {upscale_factor!r}")
+    factor = float(upscale_factor)
+    (low_factor, low_eta), (high_factor, high_eta) = _APT_ETA_TABLE[0], _APT_ETA_TABLE[-1]
+    if factor <= low_factor:
+        return low_eta
+    if factor >= high_factor:
+        return high_eta
+    for (f0, e0), (f1, e1) in zip(_APT_ETA_TABLE, _APT_ETA_TABLE[1:], strict=False):
+        if f0 <= factor <= f1:
+            return e0 + (e1 - e0) * (factor - f0) / (f1 - f0)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def stage_sizes(
+    height: int, width: int, base_size: int, multiple: int = 8
+) -> list[tuple[int, int]]:
+    """DemoFusion's progressive stage sizes (METHODS.md, DemoFusion, "Stages").
+
+    ``S = ceil(max(H, W) / b)``; stage ``s = 1..S`` has size ``(H, W) * s / S`` rounded to the
+    nearest multiple of ``f`` (at least ``f``), and stage ``S`` is exactly ``(H, W)``. Stage 1 is
+    ordinary sampling at about the base size ``b``.
+
+    Args:
+        height, width: target size in pixels, each a multiple of ``multiple``, long side ``>= b``.
+        base_size: ``b``, the model's native size in pixels (``unet.config.sample_size * f``).
+        multiple: ``f``, the VAE's scale factor (8).
+
+    Returns:
+        ``[(h_1, w_1), ..., (H, W)]`` in pixels.
+
+    Raises:
+        ValueError: a size not a positive multiple of ``multiple``, or a long side below ``b``.
+
+    Example::
+
+        >>> stage_sizes(4096, 4096, 1024)
+        [(1024, 1024), (2048, 2048), (3072, 3072), (4096, 4096)]
+        >>> stage_sizes(2048, 1536, 1024)
+        [(1024, 768), (2048, 1536)]
+    """
+    for name, value in (("base_size", base_size), ("multiple", multiple)):
+        _check_positive_int(value, name)
+    for name, value in (("height", height), ("width", width)):
+        _check_positive_int(value, name)
+        if value % multiple:
+            raise ValueError(f"{name} must be a multiple of {multiple} (the VAE's scale factor); "
+                             f"got {value}")
+    if max(height, width) < base_size:
+        raise ValueError(f"the long side of (height, width) = ({height}, {width}) must be >= the "
+                         f"model's base size {base_size}")
+    count = -(-max(height, width) // base_size)
+
+    def rounded(size: int, stage: int) -> int:
+        return max(multiple, multiple * math.floor(size * stage / count / multiple + 0.5))
+
+    sizes = [(rounded(height, s), rounded(width, s)) for s in range(1, count)]
+    return [*sizes, (height, width)]
+
+
+def sublattice_factor(size: Sequence[int], base: int) -> tuple[int, int]:
+    """APT's statistical-matching lattice ``(s_h, s_w)`` of a stage (METHODS.md, APT).
+
+    Each axis: the stage's latent size over the base latent size ``b / f``, rounded half up, at
+    least 1 (the paper's ``S_h = H / h``, ``S_w = W / w``).
+
+    Example::
+
+        >>> sublattice_factor((256, 192), 128)
+        (2, 2)
+    """
+    _check_positive_int(base, "base")
+    return tuple(max(1, math.floor(side / base + 0.5)) for side in size)  # type: ignore[return-value]

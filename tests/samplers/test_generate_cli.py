@@ -1,0 +1,55 @@
+"""``hrkernels generate`` end to end with the tiny pipelines (no download)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from PIL import Image
+
+from hrkernels.samplers import SAMPLERS
+from hrkernels.samplers.cli import add_generate_arguments, run_generate
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(prog="hrkernels generate")
+    add_generate_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_generate_tiny_sdxl_with_previews(tmp_path, capsys):
+    from hrkernels.cli import main
+
+    out, previews = tmp_path / "image.png", tmp_path / "stages"
+    status = main(["generate", "--model", "tiny-sdxl", "--method", "demofusion",
+                   "--prompt", "a lighthouse", "--height", "256", "--width", "192",
+                   "--steps", "2", "--seed", "1", "--out", str(out), "--previews", str(previews),
+                   "--device", "cpu", "--dtype", "fp32"])
+    assert status == 0
+    assert Image.open(out).size == (192, 256)
+    assert sorted(p.name for p in previews.iterdir()) == ["stage_1_128x96.png",
+                                                         "stage_2_256x192.png"]
+    assert Image.open(previews / "stage_1_128x96.png").size == (96, 128)
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_generate_apt_default_size_is_twice_the_base(tmp_path):
+    out = tmp_path / "apt.png"
+    args = parse(["--model", "tiny-sdxl", "--method", "apt", "--prompt", "a cat", "--steps", "2",
+                  "--out", str(out), "--view-batch-size", "4"])
+    assert run_generate(args) == 0
+    assert Image.open(out).size == (256, 256)
+
+
+def test_generate_reports_bad_sizes_and_options(tmp_path, capsys):
+    args = parse(["--model", "tiny-sd15", "--method", "demofusion", "--prompt", "a cat",
+                  "--height", "100", "--width", "128", "--steps", "1", "--out",
+                  str(tmp_path / "x.png")])
+    assert run_generate(args) == 2
+    assert "multiple of 8" in capsys.readouterr().err
+    args = parse(["--model", "tiny-sd15", "--method", "demofusion", "--prompt", "a cat",
+                  "--out", str(tmp_path / "x.png"), "--view-batch-size", "many"])
+    assert run_generate(args) == 2
+    with pytest.raises(SystemExit):
+        parse(["--model", "tiny-sd15", "--method", "nope", "--prompt", "a", "--out", "x.png"])
+    assert {"demofusion", "apt"} <= set(SAMPLERS)
