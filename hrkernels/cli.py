@@ -28,7 +28,7 @@ def _bench(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
     dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if on_gpu else "fp32")])
-    cases = [case for case in all_cases() if case.cpu != on_gpu]
+    cases = [case for case in all_cases(tuple(args.family)) if case.cpu != on_gpu]
     if args.filter:
         cases = [c for c in cases if any(f in f"{c.op} {c.label}" for f in args.filter)]
     if not cases:
@@ -39,7 +39,7 @@ def _bench(args: argparse.Namespace) -> int:
               "PyTorch reference here, so these numbers are CPU numbers, not kernel numbers.")
     print(f"{len(cases)} cases on {device}, {str(dtype).removeprefix('torch.')}")
     def save(results, bandwidth):
-        return write_results(results, bandwidth, dtype, Path(args.out))
+        return write_results(results, bandwidth, dtype, Path(args.out), args.name)
 
     results, bandwidth = run_cases(cases, device, dtype, args.providers, on_case=save)
     paths = save(results, bandwidth)
@@ -49,6 +49,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from hrkernels.bench.harness import PROVIDERS
+    from hrkernels.bench.registry import FAMILIES
     from hrkernels.samplers.cli import add_generate_arguments, run_generate
 
     parser = argparse.ArgumentParser(
@@ -66,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     bench.add_argument("--dtype", choices=sorted(DTYPES),
                        help="data type (default: fp16 on a GPU, fp32 on a CPU)")
+    bench.add_argument("--family", nargs="+", choices=FAMILIES, default=list(FAMILIES),
+                       help="op families to run (default: all)")
+    bench.add_argument("--name", default="ops",
+                       help="stem of the result files, <name>_<device>.json/.md/.png "
+                            "(default: %(default)s)")
     bench.add_argument("--filter", nargs="+", help="run only cases whose op or shape contains one "
                                                    "of these strings")
     bench.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS),

@@ -45,10 +45,13 @@ class BenchCase:
     compiled_reference: Callable[[Inputs], Any] | None = None
 
 
-def all_cases() -> list[BenchCase]:
-    """Every registered case, family by family."""
+def all_cases(families: tuple[str, ...] = FAMILIES) -> list[BenchCase]:
+    """Every registered case of ``families`` (default: all), family by family."""
+    unknown = set(families) - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"unknown benchmark families {sorted(unknown)}; choose from {FAMILIES}")
     cases: list[BenchCase] = []
-    for family in FAMILIES:
+    for family in families:
         cases.extend(importlib.import_module(f"hrkernels.bench.{family}").CASES)
     return cases
 

@@ -64,8 +64,11 @@ def channels_contiguous(*tensors: torch.Tensor) -> bool:
 def image_offsets_fit_int32(*tensors: torch.Tensor) -> bool:
     """True when, in each ``[B, ...]`` tensor, every element of one image is at an int32 offset from
     the image's start (kernels that compute only the batch and row terms in int64 need this)."""
-    return all(sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True))
-               < 2**31 for t in tensors)
+    return all(
+        sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:],
+                                                              strict=True)) < 2**31
+        for t in tensors
+    )
 
 
 @functools.cache
