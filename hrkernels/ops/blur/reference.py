@@ -43,10 +43,10 @@ def blur_fp32(x: torch.Tensor, weights: torch.Tensor, feature_blur: bool = False
     out = F.conv2d(x, along_w, padding=(0, pad), groups=channels)
     out = F.conv2d(out, along_h, padding=(pad, 0), groups=channels)
     if feature_blur:
-        batch, _, height, width = out.shape
-        rows = out.permute(0, 2, 3, 1).reshape(batch * height * width, 1, channels)
-        rows = F.conv1d(rows, weights.view(1, 1, size), padding=pad)
-        out = rows.view(batch, height, width, channels).permute(0, 3, 1, 2)
+        # Shifted sums rather than a conv1d over C: cuDNN may run that one in TF32 on a GPU, and
+        # the reference must be fp32.
+        padded = F.pad(out, (0, 0, 0, 0, pad, pad))
+        out = sum(weights[m] * padded[:, m:m + channels] for m in range(size))
     return out
 
 
