@@ -21,6 +21,8 @@ a 0-d tensor read through a pointer: no host sync). All sizes and strides are ru
 import triton
 import triton.language as tl
 
+from hrkernels.ops._tiles import split_row_tile
+
 
 @triton.jit
 def _tap_weight(offset, inv_sigma):
@@ -138,14 +140,8 @@ def _separable_blur_kernel(
     # (output rows per program) is a runtime value, and ROWS + 2 * (K // 2) is a multiple of K (the
     # launcher picks it so), so no unrolled sub-step is wasted.
     R = K // 2
-    pid = tl.program_id(0)
-    num_c = tl.cdiv(C, BLOCK_C)
-    num_w = tl.cdiv(W, BLOCK_W)
+    c_block, w_block, rest = split_row_tile(tl.program_id(0), C, W, BLOCK_C, BLOCK_W)
     num_h = tl.cdiv(H, ROWS)
-    c_block = pid % num_c
-    rest = pid // num_c
-    w_block = rest % num_w
-    rest = rest // num_w
     h_block = rest % num_h
     batch = (rest // num_h).to(tl.int64)
 

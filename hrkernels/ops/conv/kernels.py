@@ -17,6 +17,8 @@ Both run on a 1-D grid decomposed in-kernel, channel blocks fastest. A program m
 import triton
 import triton.language as tl
 
+from hrkernels.ops._tiles import split_row_tile
+
 
 @triton.jit
 def _gemm_weight_kernel(
@@ -51,13 +53,7 @@ def _row_blend_kernel(
 ):
     # grid: rows * cdiv(W, BLOCK_W) * cdiv(C, BLOCK_C); `rows` flattened (image, output row)
     # starting at FIRST_ROW; v is [rows, W, KERNEL, C] contiguous.
-    pid = tl.program_id(0)
-    num_c = tl.cdiv(C, BLOCK_C)
-    num_w = tl.cdiv(W, BLOCK_W)
-    c_block = pid % num_c
-    rest = pid // num_c
-    w_block = rest % num_w
-    local_row = rest // num_w
+    c_block, w_block, local_row = split_row_tile(tl.program_id(0), C, W, BLOCK_C, BLOCK_W)
     row = FIRST_ROW + local_row
     image = row // H_OUT
     p = row % H_OUT
@@ -91,13 +87,8 @@ def _col_blend_kernel(
 ):
     # grid: rows * cdiv(W_OUT, BLOCK_W) * cdiv(C_OUT, BLOCK_C); g is [rows, W, KERNEL, C_OUT]
     # contiguous (the GEMM's output), rows starting at FIRST_ROW.
-    pid = tl.program_id(0)
-    num_c = tl.cdiv(C_OUT, BLOCK_C)
-    num_w = tl.cdiv(W_OUT, BLOCK_W)
-    c_block = pid % num_c
-    rest = pid // num_c
-    w_block = rest % num_w
-    local_row = rest // num_w
+    c_block, w_block, local_row = split_row_tile(tl.program_id(0), C_OUT, W_OUT, BLOCK_C,
+                                                 BLOCK_W)
     row = FIRST_ROW + local_row
     image = row // H_OUT
     p = row % H_OUT

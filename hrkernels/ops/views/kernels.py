@@ -9,6 +9,8 @@ All sizes and strides are runtime arguments; only the block sizes and feature fl
 import triton
 import triton.language as tl
 
+from hrkernels.ops._tiles import split_row_tile
+
 
 @triton.jit
 def _gather_windows_kernel(
@@ -21,13 +23,7 @@ def _gather_windows_kernel(
 ):
     # grid: B * N * WIN_H * cdiv(WIN_W, BLOCK_W) * cdiv(C, BLOCK_C); image outermost, so the windows
     # of one image (which overlap) are copied close together in time.
-    pid = tl.program_id(0)
-    num_c = tl.cdiv(C, BLOCK_C)
-    num_w = tl.cdiv(WIN_W, BLOCK_W)
-    c_block = pid % num_c
-    rest = pid // num_c
-    w_block = rest % num_w
-    rest = rest // num_w
+    c_block, w_block, rest = split_row_tile(tl.program_id(0), C, WIN_W, BLOCK_C, BLOCK_W)
     i = rest % WIN_H
     rest = rest // WIN_H
     n = rest % N
@@ -64,14 +60,8 @@ def _scatter_windows_mean_kernel(
 ):
     # Output-centric: each program owns a [BLOCK_H, BLOCK_W, BLOCK_C] tile of the output and sums,
     # in view order, every view that covers it. No atomics, so the result is bitwise reproducible.
-    pid = tl.program_id(0)
-    num_c = tl.cdiv(C, BLOCK_C)
-    num_w = tl.cdiv(W, BLOCK_W)
+    c_block, w_block, rest = split_row_tile(tl.program_id(0), C, W, BLOCK_C, BLOCK_W)
     num_h = tl.cdiv(H, BLOCK_H)
-    c_block = pid % num_c
-    rest = pid // num_c
-    w_block = rest % num_w
-    rest = rest // num_w
     h_block = rest % num_h
     b = rest // num_h
 
@@ -126,13 +116,7 @@ def _dilated_copy_kernel(
     # views[k*B + b, c, i, j] <-> full[b, c, i*SH + k // SW, j*SW + k % SW]; TO_VIEWS picks the
     # direction (gather_dilated when set, scatter_dilated otherwise). One program copies a tile of
     # one view row; the SW programs that share a full-resolution row run next to each other.
-    pid = tl.program_id(0)
-    num_c = tl.cdiv(C, BLOCK_C)
-    num_w = tl.cdiv(VIEW_W, BLOCK_W)
-    c_block = pid % num_c
-    rest = pid // num_c
-    w_block = rest % num_w
-    rest = rest // num_w
+    c_block, w_block, rest = split_row_tile(tl.program_id(0), C, VIEW_W, BLOCK_C, BLOCK_W)
     kj = rest % SW
     rest = rest // SW
     ki = rest % SH
