@@ -108,3 +108,30 @@ def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+
+# Sampler tests: the tiny pipelines (built once per test module, as some tests change a pipeline's
+# scheduler) and the target sizes of each kind (2x, 3x and non-square over the base resolution).
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    from hrkernels.testing import tiny_pipeline
+
+    return tiny_pipeline("sdxl")
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    from hrkernels.testing import tiny_pipeline
+
+    return tiny_pipeline("sd15")
+
+
+@pytest.fixture(scope="session")
+def sizes() -> dict[str, dict[str, tuple[int, int]]]:
+    """kind -> {name: (height, width)}."""
+    return {
+        "sdxl": {"2x": (256, 256), "3x": (384, 384), "non-square": (256, 192)},
+        "sd15": {"2x": (128, 128), "3x": (192, 192), "non-square": (128, 96)},
+    }

@@ -13,21 +13,6 @@ from hrkernels.samplers import APT, DemoFusion
 from hrkernels.schedules import scale_aware_betas
 from hrkernels.testing import tiny_pipeline
 
-SIZES = {
-    "sdxl": {"2x": (256, 256), "3x": (384, 384), "non-square": (256, 192)},
-    "sd15": {"2x": (128, 128), "3x": (192, 192), "non-square": (128, 96)},
-}
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return tiny_pipeline("sdxl")
-
-
-@pytest.fixture(scope="module")
-def sd15():
-    return tiny_pipeline("sd15")
-
 
 def generate(sampler, height, width, seed=0, steps=4, **kwargs):
     kwargs.setdefault("output_type", "latent")
@@ -38,9 +23,9 @@ def generate(sampler, height, width, seed=0, steps=4, **kwargs):
 
 @pytest.mark.parametrize("kind", ["sdxl", "sd15"])
 @pytest.mark.parametrize("size", ["2x", "3x", "non-square"])
-def test_stages_and_shortcut(kind, size, request):
+def test_stages_and_shortcut(kind, size, request, sizes):
     pipe = request.getfixturevalue(kind)
-    height, width = SIZES[kind][size]
+    height, width = sizes[kind][size]
     steps_seen = []
     out = generate(APT(pipe, shortcut_steps=2, view_batch_size=64), height, width, steps=4,
                    output_type="pt",

@@ -19,21 +19,6 @@ from hrkernels.samplers._core import choose_view_batch, fresh_scheduler
 from hrkernels.samplers.demofusion import StageSchedule
 from hrkernels.testing import tiny_pipeline
 
-SIZES = {  # kind -> {name: (height, width)}
-    "sdxl": {"2x": (256, 256), "3x": (384, 384), "non-square": (256, 192)},
-    "sd15": {"2x": (128, 128), "3x": (192, 192), "non-square": (128, 96)},
-}
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return tiny_pipeline("sdxl")
-
-
-@pytest.fixture(scope="module")
-def sd15():
-    return tiny_pipeline("sd15")
-
 
 def generate(pipe, height, width, seed=0, steps=2, sampler=None, **kwargs):
     sampler = sampler or DemoFusion(pipe, view_batch_size=16)
@@ -45,9 +30,9 @@ def generate(pipe, height, width, seed=0, steps=2, sampler=None, **kwargs):
 
 @pytest.mark.parametrize("kind", ["sdxl", "sd15"])
 @pytest.mark.parametrize("size", ["2x", "3x", "non-square"])
-def test_stages_sizes_and_outputs(kind, size, request):
+def test_stages_sizes_and_outputs(kind, size, request, sizes):
     pipe = request.getfixturevalue(kind)
-    height, width = SIZES[kind][size]
+    height, width = sizes[kind][size]
     base = pipe.unet.config.sample_size * 8
     out = generate(pipe, height, width)
     assert isinstance(out, SamplerOutput)
