@@ -92,6 +92,32 @@ def test_gaussian_blur2d_large_kernels(device, layout, shape, kernel_size, sigma
     assert_close(out, reference.gaussian_blur2d(x, sigma, kernel_size, torch.contiguous_format))
 
 
+# unroll x iterations: strips of 1 to 12 output rows, unroll below, at and above k.
+PLAN_CASES = [(3, 1, 3), (3, 6, 2), (5, 3, 3), (7, 4, 2), (7, 9, 2), (9, 4, 3)]
+
+
+@pytest.mark.parametrize("kernel_size, unroll, iterations", PLAN_CASES)
+@pytest.mark.parametrize("fusion", [False, True])
+@pytest.mark.parametrize("tile_w", [None, 3])
+def test_every_launch_plan_computes_the_same_blur(device, kernel_size, unroll, iterations, fusion,
+                                                  tile_w):
+    """Either kernel (rows, or register-blocked columns of tile_w), strips of any height (several
+    per map, the last one partial), any unroll: the same result."""
+    from hrkernels.ops._launch import channels_contiguous
+    from hrkernels.ops.blur.op import _blur_triton, _plan
+
+    x = random_map((2, 3, 13, 6), torch.float32, device, "channels_last")
+    y = random_map((2, 3, 13, 6), torch.float32, device, "channels_last", seed=1)
+    plan = _plan(tuple(x.shape), channels_contiguous(x), x.element_size(), kernel_size, x.device,
+                 unroll=unroll, iterations=iterations, tile_w=tile_w)
+    assert plan.columns == (tile_w is not None)
+    out = _blur_triton(x, y if fusion else None, 1.3, None, kernel_size, False, plan)
+    expected = (reference.frequency_fusion(x, y, 1.3, kernel_size, False, torch.contiguous_format)
+                if fusion else reference.gaussian_blur2d(x, 1.3, kernel_size,
+                                                         torch.contiguous_format))
+    assert_close(out, expected)
+
+
 @pytest.mark.parametrize("shape, kernel_size, sigma",
                          [((1, 3, 8, 10), 5, 1.2), ((2, 2, 4, 7), 7, 0.7)])
 def test_gaussian_blur2d_definition(device, shape, kernel_size, sigma):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from dataclasses import dataclass
 
 import torch
 
@@ -98,26 +99,35 @@ def gaussian_kernel1d(
 # Triton launcher
 # --------------------------------------------------------------------------------------------------
 
-def _blur_tile(channels: int, width: int, contiguous_channels: bool, element_size: int,
-               kernel_size: int) -> tuple[int, int, int]:
-    """``(BLOCK_W, BLOCK_C, num_warps)`` of the strip a program walks down.
+@dataclass(frozen=True)
+class BlurPlan:
+    """How the blur runs on one shape and layout (``op._plan``): which kernel, tiles and grid."""
 
-    Channels-last maps whose channel count is a multiple of the 16-byte vector get 8 elements per
-    thread (a 16-byte fp16 vector per load; the ring of K rows holds 8 * K fp32 registers) for
-    K <= 7, 4 for larger K. Other layouts load element by element (a shifted column breaks the
-    alignment) and get 2 per thread: more would only be spilled (checked with ptxas for sm_90).
+    columns: bool  # _channels_last_blur_kernel (else _separable_blur_kernel)
+    block_w: int  # columns of a program's strip (TILE_W of the columns kernel)
+    block_c: int  # channels of a program's strip
+    num_warps: int
+    unroll: int  # input rows per loop iteration (all loaded before the iteration's stores)
+    rows: int  # output rows per program; rows + 2 * (k // 2) is a multiple of unroll
+    programs: int  # 1-D grid
+    prefetch: bool  # L2 prefetch of the next iteration's rows (CUDA only)
+    line_w: int  # prefetch one address per line_w columns ...
+    line_c: int  # ... and line_c channels (a 32-byte sector along the unit-stride axis)
+
+
+def _blur_tile(channels: int, width: int, contiguous_channels: bool, element_size: int,
+               per_thread: int) -> tuple[int, int, int]:
+    """``(BLOCK_W, BLOCK_C, num_warps)`` of a strip of ``per_thread * 32 * num_warps`` elements.
+
+    Channels-last: ``BLOCK_C`` is the largest power of two <= 128 that divides ``C`` (no idle
+    lanes: 640 -> 128, 320 -> 64), ``BLOCK_W`` the rest. NCHW: ``BLOCK_W`` takes the elements.
     """
-    vector = 16 // element_size
-    if contiguous_channels and channels % vector == 0:
-        per_thread = 8 if kernel_size <= 7 else 4
-    else:
-        per_thread = 2
     elements = 64 if interpreter_enabled() else per_thread * 128
     if contiguous_channels:
         lowest_bit = channels & -channels
         if channels <= 128:
             block_c = next_power_of_2(channels)
-        else:  # a power of two that divides C wastes no lanes (320 -> 64, 640 -> 128)
+        else:
             block_c = min(128, lowest_bit) if lowest_bit >= 32 else 128
         block_c = min(block_c, elements)
         block_w = max(1, min(next_power_of_2(width), elements // block_c))
@@ -128,32 +138,96 @@ def _blur_tile(channels: int, width: int, contiguous_channels: bool, element_siz
     return block_w, block_c, num_warps
 
 
-def _rows_per_program(height: int, kernel_size: int, programs_per_row_block: int,
-                      device: torch.device) -> int:
-    """Output rows per program: ``iterations * K - 2R`` (so that no unrolled sub-step is wasted),
-    about 32 rows (halo overhead (32 + 2R) / 32), fewer when the grid would not fill the GPU."""
+def _default_knobs(channels: int, contiguous_channels: bool, element_size: int,
+                   kernel_size: int, fusion: bool, feature_blur: bool) -> dict:
+    """The tuned plan knobs (``bench/tune_blur.py`` on the H100; ``blur/README.md``).
+
+    * Channels-contiguous maps, ``k >= 5``: the register-blocked columns kernel (each element
+      loaded and converted once), 4 columns x 4 channels per thread (2 x 2 for ``k >= 9``, whose
+      row history is longer), 2 rows per iteration for the blur, 1 for the fusion (whose two inputs
+      need more registers), L2 prefetch.
+    * Channels-contiguous maps, ``k <= 3`` (and the channel blur): the rows kernel, 16-byte
+      vectors (8 fp16) per thread for the blur, 4 elements for the fusion, ``2k`` rows per
+      iteration, no prefetch (the ``k`` shifted loads hit L1 anyway).
+    * Other layouts (NCHW latents, unaligned ``C``): the rows kernel, 1 element per thread (many
+      short programs: the maps are small), 4 rows per iteration.
+    """
+    vector = 16 // element_size
+    if contiguous_channels and channels % vector == 0:
+        if kernel_size >= 5 and not feature_blur:
+            wide = kernel_size <= 7
+            return dict(tile_w=4 if wide else 2, per_thread=4 if wide else 2,
+                        unroll=1 if fusion or not wide else 2, prefetch=True)
+        return dict(per_thread=vector // 2 if fusion else vector, unroll=2 * kernel_size,
+                    prefetch=False)
+    return dict(per_thread=1, unroll=4, prefetch=False)
+
+
+def _rows_per_program(height: int, kernel_size: int, unroll: int, programs_per_row_block: int,
+                      target_programs: int) -> int:
+    """Output rows per program: ``iterations * unroll - 2r`` (no unrolled sub-step wasted), about
+    32 (halo overhead ``(32 + 2r) / 32``), fewer while the grid has fewer than ``target_programs``
+    programs."""
     halo = 2 * (kernel_size // 2)
-    most = -(-(height + halo) // kernel_size)  # one program covers every row
+    most = -(-(height + halo) // unroll)  # one program covers every row
     if interpreter_enabled():
-        return most * kernel_size - halo
-    iterations = min(most, max(1, -(-(32 + halo) // kernel_size)))
-    target = 6 * multiprocessor_count(device)
-    while iterations > 2 and (programs_per_row_block
-                              * -(-height // (iterations * kernel_size - halo))) < target:
+        return most * unroll - halo
+    least = -(-(halo + 1) // unroll)  # at least one output row
+    iterations = max(least, min(most, -(-(32 + halo) // unroll)))
+    while iterations > least and (programs_per_row_block
+                                  * -(-height // (iterations * unroll - halo))) < target_programs:
         iterations -= 1
-    return iterations * kernel_size - halo
+    return iterations * unroll - halo
+
+
+def prefetch_supported(device: torch.device) -> bool:
+    """The kernel's L2 prefetch is PTX: NVIDIA GPUs only (not the interpreter, not ROCm)."""
+    return device.type == "cuda" and torch.version.hip is None and not interpreter_enabled()
 
 
 @functools.lru_cache(maxsize=256)
 def _plan(shape: tuple[int, ...], contiguous_channels: bool, element_size: int, kernel_size: int,
-          device: torch.device) -> tuple[int, int, int, int, int]:
-    """``(BLOCK_W, BLOCK_C, num_warps, ROWS, programs)`` for one shape and layout (cached)."""
+          device: torch.device, per_thread: int | None = None, unroll: int | None = None,
+          programs_per_sm: int = 6, prefetch: bool | None = None,
+          iterations: int | None = None, fusion: bool = False, feature_blur: bool = False,
+          tile_w: int | None = None) -> BlurPlan:
+    """The launch plan for one shape and layout (cached).
+
+    With no knob given, the tuned choice (``_default_knobs``). Knobs (``bench/tune_blur.py``
+    sweeps them): ``tile_w`` picks the columns kernel with that many columns per program (only for
+    channels-contiguous maps without ``feature_blur``), ``per_thread`` elements per thread,
+    ``unroll`` input rows per iteration, ``programs_per_sm`` the grid size below which strips get
+    shorter, ``prefetch`` the L2 prefetch; ``iterations`` fixes the loop iterations of a program
+    (``rows = iterations * unroll - 2r``, for tests of the strip boundaries).
+    """
     batch, channels, height, width = shape
+    if per_thread is None and unroll is None and tile_w is None and prefetch is None:
+        knobs = _default_knobs(channels, contiguous_channels, element_size, kernel_size, fusion,
+                               feature_blur)
+        per_thread, unroll = knobs["per_thread"], knobs["unroll"]
+        tile_w, prefetch = knobs.get("tile_w"), knobs["prefetch"]
+    per_thread = per_thread or 2
+    unroll = unroll or kernel_size
+    prefetch = bool(prefetch) and prefetch_supported(device)
     block_w, block_c, num_warps = _blur_tile(channels, width, contiguous_channels, element_size,
-                                             kernel_size)
+                                             per_thread)
+    columns = tile_w is not None and contiguous_channels and not feature_blur
+    if columns:
+        block_w = tile_w
+        num_warps = max(1, block_c // (32 * per_thread))
     per_row_block = batch * -(-width // block_w) * -(-channels // block_c)
-    rows = _rows_per_program(height, kernel_size, per_row_block, device)
-    return block_w, block_c, num_warps, rows, per_row_block * -(-height // rows)
+    if iterations is None:
+        rows = _rows_per_program(height, kernel_size, unroll, per_row_block,
+                                 programs_per_sm * multiprocessor_count(device))
+    else:
+        rows = iterations * unroll - 2 * (kernel_size // 2)
+        if rows < 1:
+            raise ValueError(f"{iterations} iterations of {unroll} rows leave no output row")
+    sector = 32 // element_size
+    line_c = min(block_c, sector) if contiguous_channels else 1
+    line_w = 1 if contiguous_channels else min(block_w, sector)
+    return BlurPlan(columns, block_w, block_c, num_warps, unroll, rows,
+                    per_row_block * -(-height // rows), prefetch, line_w, line_c)
 
 
 def _blur_triton(
@@ -163,23 +237,37 @@ def _blur_triton(
     sigma_tensor: torch.Tensor | None,
     kernel_size: int,
     feature_blur: bool,
+    plan: BlurPlan | None = None,
 ) -> torch.Tensor:
-    from hrkernels.ops.blur.kernels import _separable_blur_kernel
+    from hrkernels.ops.blur.kernels import _channels_last_blur_kernel, _separable_blur_kernel
 
     batch, channels, height, width = a.shape
     fusion = b is not None
     other = b if fusion else a
     out = empty_output(tuple(a.shape), a.dtype, a.device, output_memory_format(a))
-    block_w, block_c, num_warps, rows, programs = _plan(
-        tuple(a.shape), channels_contiguous(a, other, out), a.element_size(), kernel_size,
-        a.device)
-    _separable_blur_kernel[(programs,)](
+    if plan is None:
+        plan = _plan(tuple(a.shape), channels_contiguous(a, other, out), a.element_size(),
+                     kernel_size, a.device, fusion=fusion, feature_blur=feature_blur)
+    if plan.columns:
+        _channels_last_blur_kernel[(plan.programs,)](
+            a, other, out, a if sigma_tensor is None else sigma_tensor, sigma_value,
+            channels, height, width, plan.rows,
+            *a.stride(), *other.stride(), *out.stride(),
+            K=kernel_size, K_PAD=next_power_of_2(kernel_size), FUSION=fusion,
+            SIGMA_FROM_PTR=sigma_tensor is not None, EVEN_C=channels % plan.block_c == 0,
+            BLOCK_C=plan.block_c, TILE_W=plan.block_w, UNROLL=plan.unroll, PREFETCH=plan.prefetch,
+            LINE_C=plan.line_c, num_warps=plan.num_warps,
+        )
+        return out
+    _separable_blur_kernel[(plan.programs,)](
         a, other, out, a if sigma_tensor is None else sigma_tensor, sigma_value,
-        channels, height, width, rows,
+        channels, height, width, plan.rows,
         *a.stride(), *other.stride(), *out.stride(),
         K=kernel_size, K_PAD=next_power_of_2(kernel_size),
         FUSION=fusion, FEATURE_BLUR=feature_blur, SIGMA_FROM_PTR=sigma_tensor is not None,
-        EVEN_C=channels % block_c == 0, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps,
+        EVEN_C=channels % plan.block_c == 0, BLOCK_W=plan.block_w, BLOCK_C=plan.block_c,
+        UNROLL=plan.unroll, PREFETCH=plan.prefetch, LINE_W=plan.line_w, LINE_C=plan.line_c,
+        num_warps=plan.num_warps,
     )
     return out
 
