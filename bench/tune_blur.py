@@ -50,9 +50,9 @@ def _knobs(kernel_size: int, channels_last: bool, quick: bool) -> list[dict]:
     for pt, u, pps, pf in itertools.product(per_thread, unroll, (6, 16), (False, True)):
         plans.append(dict(per_thread=pt, unroll=u, programs_per_sm=pps, prefetch=pf))
     if channels_last:  # the register-blocked columns kernel
-        tiles = (4, 8) if kernel_size <= 3 else (2, 4)
-        for pt, tile_w, u, pps in itertools.product((1, 2, 4), tiles, (1, 2),
-                                                    (6,) if quick else (6, 16)):
+        tiles = (4, 8) if kernel_size <= 3 else (2, 3, 4)
+        for pt, tile_w, u, pps in itertools.product((2, 4), tiles, (1, 2),
+                                                    (6,) if quick else (6, 12, 24)):
             plans.append(dict(per_thread=pt, tile_w=tile_w, unroll=u, programs_per_sm=pps,
                               prefetch=True))
     return plans
@@ -69,12 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="fewer programs-per-SM values")
     parser.add_argument("--kernel-sizes", type=int, nargs="+", default=[3, 7])
+    parser.add_argument("--filter", default="", help="only cases whose label contains this")
+    parser.add_argument("--ops", nargs="+", default=["blur", "fusion"])
     args = parser.parse_args(argv)
     bandwidth = copy_bandwidth_gbps(torch.device("cuda"))
     print(f"copy bandwidth {bandwidth:.0f} GB/s", flush=True)
     rows = []
     for (label, (shape, channels_last)), kernel_size, fusion in itertools.product(
             SHAPES.items(), args.kernel_sizes, (False, True)):
+        if args.filter not in label or ("fusion" if fusion else "blur") not in args.ops:
+            continue
         a, b = _inputs(shape, channels_last)
         b = b if fusion else None
         key = (tuple(a.shape), channels_contiguous(a), a.element_size(), kernel_size, a.device)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hrkernels.ops import (
     BackendUnavailableError,
@@ -80,3 +82,48 @@ def test_backend_report_names_every_backend():
     report = _backend.backend_report()
     assert set(report) == {"torch", "triton", "cuda"}
     assert report["cuda"].startswith("no:")
+
+
+# --------------------------------------------------------------------------------------------------
+# Registered operators: plain eager calls skip the dispatcher, everything else sees the operator
+# --------------------------------------------------------------------------------------------------
+
+
+class RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_plain_eager_calls_skip_the_dispatcher(monkeypatch):
+    calls = []
+    registered = gather_dilated.__globals__["_gather_dilated_op"]
+    assert isinstance(registered, _backend.RegisteredOp)
+    monkeypatch.setattr(registered, "op", lambda *args: calls.append(args))
+    x = torch.randn(1, 2, 4, 4)
+    expected = x.view(1, 2, 2, 2, 2, 2).permute(0, 3, 5, 1, 2, 4).reshape(4, 2, 2, 2)
+    assert torch.equal(gather_dilated(x, (2, 2)), expected)
+    assert calls == []
+
+
+def test_dispatch_modes_and_fake_tensors_see_the_registered_operator():
+    x = torch.randn(1, 2, 4, 4)
+    with RecordOps() as recorder:
+        out = gather_dilated(x, (2, 2))
+    assert "hrkernels.gather_dilated.default" in recorder.ops
+    assert torch.equal(out, gather_dilated(x, (2, 2)))
+    with FakeTensorMode():
+        fake = gather_dilated(torch.empty(2, 3, 8, 6), (2, 3))
+    assert fake.shape == (12, 3, 4, 2)
+
+
+def test_calls_that_record_autograd_go_through_the_operator():
+    x = torch.randn(1, 2, 4, 4, requires_grad=True)
+    assert not _backend._plain_eager((x,))
+    with torch.no_grad():
+        assert _backend._plain_eager((x,))
+    assert _backend._plain_eager((x.detach(), 1.0, None))

@@ -151,3 +151,51 @@ def backend_report() -> dict[str, str]:
         else f"no: {triton_reason}",
         "cuda": f"no: {cuda_unavailable_reason()}",
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Registered operators with an eager fast path
+# --------------------------------------------------------------------------------------------------
+
+
+def _plain_eager(args: tuple) -> bool:
+    """True when nothing but the implementation itself needs to see this call: no ``torch.compile``
+    tracing, no dispatch or function mode (fake tensors, export, profilers of modes), only plain
+    tensors (no subclass), and no autograd recording (the ops have no autograd formula: through the
+    operator such a call is handled by PyTorch's autograd fallback)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    if torch._C._is_torch_function_mode_enabled():
+        return False
+    recording = torch.is_grad_enabled()
+    return all(type(arg) is torch.Tensor and not (recording and arg.requires_grad)
+               for arg in args if isinstance(arg, torch.Tensor))
+
+
+class RegisteredOp:
+    """A ``torch.library.custom_op`` (``hrkernels::<name>``, no mutated arguments) whose plain eager
+    calls skip the dispatcher.
+
+    ``torch.compile``, fake tensors, export and dispatch modes see the registered operator
+    (``self.op``; its fake implementation comes from :meth:`register_fake`), but a plain eager call
+    runs the implementation directly: the dispatcher's Python layer costs tens of microseconds per
+    call, more than the kernels of a latent-sized op (``bench/profile_ops.py``).
+    """
+
+    def __init__(self, name: str, implementation):
+        self.implementation = implementation
+        self.op = torch.library.custom_op(f"hrkernels::{name}", mutates_args=())(implementation)
+        functools.update_wrapper(self, implementation)
+
+    def __call__(self, *args):
+        if _plain_eager(args):
+            return self.implementation(*args)
+        return self.op(*args)
+
+    def register_fake(self, fake):
+        return self.op.register_fake(fake)
+
+
+def registered_op(name: str):
+    """Decorator: register ``hrkernels::<name>`` and return its :class:`RegisteredOp`."""
+    return lambda implementation: RegisteredOp(name, implementation)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hrkernels.ops._backend import interpreter_enabled, select_backend
+from hrkernels.ops._backend import interpreter_enabled, registered_op, select_backend
 from hrkernels.ops._checks import check_feature_map, output_memory_format
 from hrkernels.ops._launch import (
     channels_contiguous,
@@ -285,7 +285,7 @@ def _use_triton(op: str, kernel_size: int, *tensors: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("hrkernels::gaussian_blur2d", mutates_args=())
+@registered_op("gaussian_blur2d")
 def _gaussian_blur2d_op(
     x: torch.Tensor, sigma_value: float, sigma_tensor: torch.Tensor | None, kernel_size: int
 ) -> torch.Tensor:
@@ -345,7 +345,7 @@ def gaussian_blur2d(x: torch.Tensor, sigma: Sigma, kernel_size: int | None = Non
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("hrkernels::frequency_fusion", mutates_args=())
+@registered_op("frequency_fusion")
 def _frequency_fusion_op(
     global_: torch.Tensor, local: torch.Tensor, sigma_value: float,
     sigma_tensor: torch.Tensor | None, kernel_size: int, feature_blur: bool,

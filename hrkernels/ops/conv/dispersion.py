@@ -13,6 +13,8 @@ from numbers import Real
 import torch
 import torch.nn.functional as F
 
+from hrkernels.ops._backend import registered_op
+
 
 def _check_int(value: int, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -146,7 +148,7 @@ def _matrix_on(kernel_size: int, scale: int, eta: float, device: torch.device,
 
 # A registered op, so that torch.compile does not trace into the least-squares solve (a dynamic
 # shape operator) and the patched UNet compiles with fullgraph=True.
-@torch.library.custom_op("hrkernels::disperse_kernel", mutates_args=())
+@registered_op("disperse_kernel")
 def _disperse_kernel_op(weight: torch.Tensor, scale: int, eta: float) -> torch.Tensor:
     kernel_size = weight.shape[-1]
     enlarged = scale * (kernel_size - 1) + 1

@@ -16,7 +16,7 @@ from numbers import Real
 
 import torch
 
-from hrkernels.ops._backend import interpreter_enabled, select_backend
+from hrkernels.ops._backend import interpreter_enabled, registered_op, select_backend
 from hrkernels.ops._checks import as_pair, check_feature_map, output_memory_format
 from hrkernels.ops._launch import (
     RowTile,
@@ -128,7 +128,7 @@ def _fractional_triton(x, weight, bias, dilation, stride, memory_format):
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("hrkernels::dilated_conv2d", mutates_args=())
+@registered_op("dilated_conv2d")
 def _dilated_conv2d_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: float,
     stride_h: int, stride_w: int,

@@ -1,18 +1,22 @@
 """Triton kernels of the ``stats`` family: per-sub-lattice statistics and renormalisation.
 
-``match_stats`` runs two launches and never reads a statistic on the host:
+``match_stats`` runs one launch for small groups and two for large ones; it never reads a statistic
+on the host:
 
-1. ``_lattice_partial_stats_kernel``: the elements of every group (image ``b``, sub-lattice ``k``,
-   and channel when per-channel) are split into ``NUM_CHUNKS`` chunks of tiles; each program reduces
-   one chunk to ``(count, mean, M2)`` in fp32 and writes it to its own slot of a partials buffer.
-2. ``_lattice_normalize_kernel``: each program combines the ``NUM_CHUNKS`` partials of its group
-   (the same fixed-order tree in every program, so every program gets bit-identical statistics) and
-   writes ``std / sigma_k * (x - mu_k) + mean`` for its chunk of tiles.
+* ``_lattice_fused_kernel`` (groups of at most ``op.FUSED_GROUP_ELEMENTS``, e.g. the APT latents):
+  one program per group (image ``b``, sub-lattice ``k``, channel block when per-channel) reads the
+  group once for its statistics and again (from L2) to write ``std / sigma_k * (x - mu_k) + mean``.
+* Larger groups: ``_lattice_partial_stats_kernel`` splits every group into ``NUM_CHUNKS`` chunks of
+  tiles and writes each chunk's ``(count, mean, M2)`` to its own slot of a partials buffer; then
+  ``_lattice_normalize_kernel`` combines the group's partials (the same fixed-order tree in every
+  program, so every program gets bit-identical statistics) and writes its chunk of the output.
 
-No atomics: results are bitwise reproducible. Statistics are numerically stable: values are taken
-relative to a pivot (the group's first element), each tile is reduced two-pass in registers (mean,
-then squared deviations), and tiles and chunks are merged with Chan's parallel formulas. A constant
-sub-lattice therefore has exactly M2 = 0 (and becomes the constant target mean).
+No atomics: results are bitwise reproducible. Statistics are fp32 and numerically stable: every
+lane (element position of a tile) keeps its own ``(count, mean, M2)``; each iteration adds
+``UNROLL`` tiles as sums of deviations from the lane's running mean (which starts at the group's
+first element), merged exactly (Chan et al.), so no cross-thread reduction runs inside the loop;
+the lanes are merged once at the end. A constant sub-lattice has exactly M2 = 0 (and becomes the
+constant target mean).
 
 A tile is ``[BLOCK_W, BLOCK_C]`` (sub-lattice columns x channels) of one sub-lattice row, the
 contiguous axis wide (``_launch.row_tile``). All sizes and strides are runtime arguments.
@@ -80,12 +84,122 @@ def _chan_merge(count, mean, m2, other_count, other_mean, other_m2):
 
 
 @triton.jit
+def _lane_statistics(x_ptr, batch_offset, pivot, first_tile, last_tile, group_cb, ki, kj,
+                     NUM_WB, NUM_CB_LOOP, C, WS, SH, SW, stride_xc, stride_xh, stride_xw,
+                     PER_CHANNEL: tl.constexpr, UNROLL: tl.constexpr, BLOCK_W: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    # Per-lane (count, mean, M2) over tiles [first_tile, last_tile), each [BLOCK_W, BLOCK_C] fp32.
+    # An iteration loads UNROLL tiles, sums their deviations d from the lane's running mean
+    # (S = sum d, Q = sum d^2 over k values) and merges exactly: n' = n + k, mean' = mean + S / n',
+    # M2' = M2 + Q - S^2 / n'.
+    count = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    mean = count + pivot[None, :]
+    m2 = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    for tile0 in range(first_tile, last_tile, UNROLL):
+        block_count = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+        block_sum = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+        block_squares = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+        for u in tl.static_range(UNROLL):
+            offsets, mask = _tile_offsets(tile0 + u, group_cb, ki, kj, NUM_WB, NUM_CB_LOOP, C, WS,
+                                          SH, SW, stride_xc, stride_xh, stride_xw, PER_CHANNEL,
+                                          BLOCK_W, BLOCK_C)
+            mask = mask & (tile0 + u + tl.zeros([BLOCK_W, 1], dtype=tl.int32) < last_tile)
+            values = tl.load(x_ptr + batch_offset + offsets, mask=mask, other=0.0)
+            deviations = tl.where(mask, values.to(tl.float32) - mean, 0.0)
+            block_count += mask.to(tl.float32)
+            block_sum += deviations
+            block_squares += deviations * deviations
+        count += block_count
+        inverse = 1.0 / tl.maximum(count, 1.0)
+        mean += block_sum * inverse
+        m2 += block_squares - block_sum * block_sum * inverse
+    return count, mean, m2
+
+
+@triton.jit
+def _merge_lanes(count, mean, m2, axis: tl.constexpr):
+    # Merge per-lane statistics along ``axis`` (None: all lanes), exact parallel formula, in
+    # Triton's fixed reduction order: (count, mean, M2).
+    total = tl.sum(count, axis=axis)
+    if axis is None:
+        merged_mean = tl.sum(count * mean, axis=axis) / tl.maximum(total, 1.0)
+        spread = mean - merged_mean
+    else:
+        merged_mean = tl.sum(count * mean, axis=axis) / tl.maximum(total, 1.0)
+        spread = mean - tl.expand_dims(merged_mean, axis)
+    # Lanes without values have mean = pivot and count 0: they add nothing.
+    merged_m2 = tl.sum(m2 + count * spread * spread, axis=axis)
+    return total, merged_mean, merged_m2
+
+
+@triton.jit
+def _scale_and_targets(batch, cs, lanes, sigma, mean_ptr, std_ptr, mean_value, std_value,
+                       C, stride_mb, stride_mc, stride_sb, stride_sc, PER_CHANNEL: tl.constexpr,
+                       MEAN_FROM_PTR: tl.constexpr, STD_FROM_PTR: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    # The target mean and the factor std / sigma per lane [BLOCK_C] (0 where sigma is 0 or NaN),
+    # and whether the lane has any spread.
+    if PER_CHANNEL:
+        target_offsets_m = batch * stride_mb + cs * stride_mc
+        target_offsets_s = batch * stride_sb + cs * stride_sc
+        target_ok = cs < C
+    else:
+        target_offsets_m = batch * stride_mb + tl.zeros([BLOCK_C], dtype=tl.int32)
+        target_offsets_s = batch * stride_sb + tl.zeros([BLOCK_C], dtype=tl.int32)
+        target_ok = lanes >= 0
+    if MEAN_FROM_PTR:
+        target_mean = tl.load(mean_ptr + target_offsets_m, mask=target_ok, other=0.0)
+        target_mean = target_mean.to(tl.float32)
+    else:
+        target_mean = mean_value + tl.zeros([BLOCK_C], dtype=tl.float32)
+    if STD_FROM_PTR:
+        target_std = tl.load(std_ptr + target_offsets_s, mask=target_ok, other=0.0).to(tl.float32)
+    else:
+        target_std = std_value + tl.zeros([BLOCK_C], dtype=tl.float32)
+    spread_ok = sigma > 0.0  # False for sigma == 0 (constant sub-lattice) and for NaN
+    scale = tl.where(spread_ok, target_std / tl.where(spread_ok, sigma, 1.0), 0.0)
+    return target_mean, scale, spread_ok
+
+
+@triton.jit
+def _write_normalized(x_ptr, out_ptr, batch, first_tile, last_tile, group_cb, ki, kj, mu, scale,
+                      target_mean, spread_ok, NUM_WB, NUM_CB_LOOP, C, WS, SH, SW,
+                      stride_xb, stride_xc, stride_xh, stride_xw,
+                      stride_ob, stride_oc, stride_oh, stride_ow,
+                      PER_CHANNEL: tl.constexpr, UNROLL: tl.constexpr, BLOCK_W: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+    # out = scale * (x - mu) + target_mean over tiles [first_tile, last_tile) (target_mean where
+    # the lane has no spread); mu, scale, target_mean, spread_ok are [BLOCK_C] lanes. UNROLL tiles
+    # are loaded before the first of their stores.
+    x_image = x_ptr + batch.to(tl.int64) * stride_xb
+    out_image = out_ptr + batch.to(tl.int64) * stride_ob
+    for tile0 in range(first_tile, last_tile, UNROLL):
+        tiles = ()
+        for u in tl.static_range(UNROLL):
+            offsets, mask = _tile_offsets(tile0 + u, group_cb, ki, kj, NUM_WB, NUM_CB_LOOP, C, WS,
+                                          SH, SW, stride_xc, stride_xh, stride_xw, PER_CHANNEL,
+                                          BLOCK_W, BLOCK_C)
+            mask = mask & (tile0 + u + tl.zeros([BLOCK_W, 1], dtype=tl.int32) < last_tile)
+            tiles = tiles + (tl.load(x_image + offsets, mask=mask, other=0.0).to(tl.float32),)
+        for u in tl.static_range(UNROLL):
+            out_offsets, mask = _tile_offsets(tile0 + u, group_cb, ki, kj, NUM_WB, NUM_CB_LOOP, C,
+                                              WS, SH, SW, stride_oc, stride_oh, stride_ow,
+                                              PER_CHANNEL, BLOCK_W, BLOCK_C)
+            mask = mask & (tile0 + u + tl.zeros([BLOCK_W, 1], dtype=tl.int32) < last_tile)
+            result = tl.where(spread_ok[None, :],
+                              scale[None, :] * (tiles[u] - mu[None, :]) + target_mean[None, :],
+                              target_mean[None, :])
+            tl.store(out_image + out_offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _lattice_partial_stats_kernel(
     x_ptr, partial_ptr,
     C, WS, SH, SW, NUM_WB, NUM_CB, NUM_CB_LOOP, NUM_CHUNKS, TILES, TILES_PER_CHUNK,
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_pg, stride_pp,
-    PER_CHANNEL: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, UNROLL: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     # grid: B * K * NUM_CB * NUM_CHUNKS. partial[group, chunk, 0:3] = (count, mean - pivot, M2)
     # where group = b * K + k, or (b * K + k) * C + c per channel.
@@ -96,27 +210,16 @@ def _lattice_partial_stats_kernel(
     batch_offset = batch.to(tl.int64) * stride_xb
     pivot = _pivot(x_ptr, batch_offset, ki, kj, group_cb, stride_xc, stride_xh, stride_xw,
                    PER_CHANNEL, BLOCK_C, C)
-
-    # Running statistics per channel lane [BLOCK_C], merged tile by tile (Chan et al.).
-    count = tl.zeros([BLOCK_C], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     first_tile = chunk * TILES_PER_CHUNK
     last_tile = tl.minimum(first_tile + TILES_PER_CHUNK, TILES)
-    for tile in range(first_tile, last_tile):
-        offsets, mask = _tile_offsets(tile, group_cb, ki, kj, NUM_WB, NUM_CB_LOOP, C, WS, SH, SW,
-                                      stride_xc, stride_xh, stride_xw, PER_CHANNEL,
-                                      BLOCK_W, BLOCK_C)
-        values = tl.load(x_ptr + batch_offset + offsets, mask=mask, other=0.0).to(tl.float32)
-        values = tl.where(mask, values - pivot[None, :], 0.0)  # [BLOCK_W, BLOCK_C]
-        tile_count = tl.sum(mask.to(tl.float32), axis=0)  # [BLOCK_C]
-        tile_mean = tl.sum(values, axis=0) / tl.maximum(tile_count, 1.0)
-        deviations = tl.where(mask, values - tile_mean[None, :], 0.0)
-        tile_m2 = tl.sum(deviations * deviations, axis=0)
-        count, mean, m2 = _chan_merge(count, mean, m2, tile_count, tile_mean, tile_m2)
-
+    count, mean, m2 = _lane_statistics(x_ptr, batch_offset, pivot, first_tile, last_tile,
+                                       group_cb, ki, kj, NUM_WB, NUM_CB_LOOP, C, WS, SH, SW,
+                                       stride_xc, stride_xh, stride_xw, PER_CHANNEL, UNROLL,
+                                       BLOCK_W, BLOCK_C)
+    mean -= pivot[None, :]  # partials are stored relative to the pivot (every program has it)
     lanes = tl.arange(0, BLOCK_C)
     if PER_CHANNEL:
+        count, mean, m2 = _merge_lanes(count, mean, m2, 0)  # [BLOCK_C]
         cs = group_cb * BLOCK_C + lanes
         groups = (batch * SH * SW + k) * C + cs
         slot = partial_ptr + groups.to(tl.int64) * stride_pg + chunk * stride_pp
@@ -124,15 +227,11 @@ def _lattice_partial_stats_kernel(
         tl.store(slot + 1, mean, mask=cs < C)
         tl.store(slot + 2, m2, mask=cs < C)
     else:
-        # Merge the channel lanes: exact parallel formula, in a fixed tree order.
-        total = tl.sum(count, axis=0)
-        merged_mean = tl.sum(count * mean, axis=0) / tl.maximum(total, 1.0)
-        spread = mean - merged_mean
-        merged_m2 = tl.sum(m2 + count * spread * spread, axis=0)
+        count, mean, m2 = _merge_lanes(count, mean, m2, None)
         slot = partial_ptr + (batch * SH * SW + k).to(tl.int64) * stride_pg + chunk * stride_pp
         # Stored as [3] vectors (one lane each) so the store mask is a vector (interpreter).
         fields = tl.arange(0, 4)
-        values = tl.where(fields == 0, total, tl.where(fields == 1, merged_mean, merged_m2))
+        values = tl.where(fields == 0, count, tl.where(fields == 1, mean, m2))
         tl.store(slot + fields, values, mask=fields < 3)
 
 
@@ -145,7 +244,8 @@ def _lattice_normalize_kernel(
     stride_pg, stride_pp,
     stride_mb, stride_mc, stride_sb, stride_sc,
     PER_CHANNEL: tl.constexpr, MEAN_FROM_PTR: tl.constexpr, STD_FROM_PTR: tl.constexpr,
-    CHUNK_BLOCK: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    CHUNK_BLOCK: tl.constexpr, UNROLL: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     # grid: B * K * NUM_CB * NUM_CHUNKS, the same chunks as the statistics pass but in reverse
     # order: the tiles the statistics pass read last (still in L2) are normalised first.
@@ -175,49 +275,64 @@ def _lattice_normalize_kernel(
         chunks = first_chunk + tl.arange(0, CHUNK_BLOCK)[None, :]
         slots = partial_ptr + groups.to(tl.int64) * stride_pg + chunks * stride_pp
         ok = lane_ok & (chunks < NUM_CHUNKS)
-        counts = tl.load(slots, mask=ok, other=0.0)
-        means = tl.load(slots + 1, mask=ok, other=0.0)
-        block_count = tl.sum(counts, axis=1)
-        block_mean = tl.sum(counts * means, axis=1) / tl.maximum(block_count, 1.0)
-        spread = means - block_mean[:, None]
-        block_m2 = tl.sum(tl.load(slots + 2, mask=ok, other=0.0) + counts * spread * spread, axis=1)
+        block_count, block_mean, block_m2 = _merge_lanes(
+            tl.load(slots, mask=ok, other=0.0), tl.load(slots + 1, mask=ok, other=0.0),
+            tl.load(slots + 2, mask=ok, other=0.0), 1)
         count, mean, m2 = _chan_merge(count, mean, m2, block_count, block_mean, block_m2)
     # Unbiased std (correction 1). A one-element sub-lattice has M2 = 0 exactly, so sigma = 0 (where
     # torch.std would give nan) and it becomes the target mean.
     sigma = tl.sqrt(m2 / tl.maximum(GROUP_SIZE - 1, 1).to(tl.float32))
     mu = pivot + mean  # [BLOCK_C] (or [1], broadcast over the lanes)
-
-    if PER_CHANNEL:
-        target_offsets_m = batch * stride_mb + cs * stride_mc
-        target_offsets_s = batch * stride_sb + cs * stride_sc
-        target_ok = cs < C
-    else:
-        target_offsets_m = batch * stride_mb + tl.zeros([BLOCK_C], dtype=tl.int32)
-        target_offsets_s = batch * stride_sb + tl.zeros([BLOCK_C], dtype=tl.int32)
-        target_ok = lanes >= 0
-    if MEAN_FROM_PTR:
-        target_mean = tl.load(mean_ptr + target_offsets_m, mask=target_ok, other=0.0)
-        target_mean = target_mean.to(tl.float32)
-    else:
-        target_mean = mean_value + tl.zeros([BLOCK_C], dtype=tl.float32)
-    if STD_FROM_PTR:
-        target_std = tl.load(std_ptr + target_offsets_s, mask=target_ok, other=0.0).to(tl.float32)
-    else:
-        target_std = std_value + tl.zeros([BLOCK_C], dtype=tl.float32)
-    spread_ok = sigma > 0.0  # False for sigma == 0 (constant sub-lattice) and for NaN
-    scale = tl.where(spread_ok, target_std / tl.where(spread_ok, sigma, 1.0), 0.0)
-
+    target_mean, scale, spread_ok = _scale_and_targets(
+        batch, cs, lanes, sigma, mean_ptr, std_ptr, mean_value, std_value, C,
+        stride_mb, stride_mc, stride_sb, stride_sc, PER_CHANNEL, MEAN_FROM_PTR, STD_FROM_PTR,
+        BLOCK_C)
     first_tile = chunk * TILES_PER_CHUNK
     last_tile = tl.minimum(first_tile + TILES_PER_CHUNK, TILES)
-    for tile in range(first_tile, last_tile):
-        offsets, mask = _tile_offsets(tile, group_cb, ki, kj, NUM_WB, NUM_CB_LOOP, C, WS, SH, SW,
-                                      stride_xc, stride_xh, stride_xw, PER_CHANNEL,
-                                      BLOCK_W, BLOCK_C)
-        out_offsets, _ = _tile_offsets(tile, group_cb, ki, kj, NUM_WB, NUM_CB_LOOP, C, WS, SH, SW,
-                                       stride_oc, stride_oh, stride_ow, PER_CHANNEL,
+    _write_normalized(x_ptr, out_ptr, batch, first_tile, last_tile, group_cb, ki, kj,
+                      mu + tl.zeros([BLOCK_C], dtype=tl.float32), scale, target_mean, spread_ok,
+                      NUM_WB, NUM_CB_LOOP, C, WS, SH, SW,
+                      stride_xb, stride_xc, stride_xh, stride_xw,
+                      stride_ob, stride_oc, stride_oh, stride_ow,
+                      PER_CHANNEL, UNROLL, BLOCK_W, BLOCK_C)
+
+
+@triton.jit
+def _lattice_fused_kernel(
+    x_ptr, out_ptr, mean_ptr, std_ptr, mean_value, std_value,
+    C, WS, SH, SW, NUM_WB, NUM_CB, NUM_CB_LOOP, TILES, GROUP_SIZE,
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    stride_ob, stride_oc, stride_oh, stride_ow,
+    stride_mb, stride_mc, stride_sb, stride_sc,
+    PER_CHANNEL: tl.constexpr, MEAN_FROM_PTR: tl.constexpr, STD_FROM_PTR: tl.constexpr,
+    UNROLL: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # grid: B * K * NUM_CB: one program per group reads it twice (the second time from L2).
+    batch, k, group_cb, _ = _decompose(tl.program_id(0), NUM_CB, 1, SH * SW)
+    ki = k // SW
+    kj = k % SW
+    batch_offset = batch.to(tl.int64) * stride_xb
+    pivot = _pivot(x_ptr, batch_offset, ki, kj, group_cb, stride_xc, stride_xh, stride_xw,
+                   PER_CHANNEL, BLOCK_C, C)
+    count, mean, m2 = _lane_statistics(x_ptr, batch_offset, pivot, 0, TILES, group_cb, ki, kj,
+                                       NUM_WB, NUM_CB_LOOP, C, WS, SH, SW,
+                                       stride_xc, stride_xh, stride_xw, PER_CHANNEL, UNROLL,
                                        BLOCK_W, BLOCK_C)
-        values = tl.load(x_ptr + batch_offset + offsets, mask=mask, other=0.0).to(tl.float32)
-        result = tl.where(spread_ok[None, :], scale[None, :] * (values - mu[None, :])
-                          + target_mean[None, :], target_mean[None, :])
-        tl.store(out_ptr + batch.to(tl.int64) * stride_ob + out_offsets,
-                 result.to(out_ptr.dtype.element_ty), mask=mask)
+    lanes = tl.arange(0, BLOCK_C)
+    cs = group_cb * BLOCK_C + lanes
+    if PER_CHANNEL:
+        _, mu, m2 = _merge_lanes(count, mean, m2, 0)  # [BLOCK_C]
+    else:
+        _, mu, m2 = _merge_lanes(count, mean, m2, None)
+        mu = mu + tl.zeros([BLOCK_C], dtype=tl.float32)
+        m2 = m2 + tl.zeros([BLOCK_C], dtype=tl.float32)
+    sigma = tl.sqrt(m2 / tl.maximum(GROUP_SIZE - 1, 1).to(tl.float32))
+    target_mean, scale, spread_ok = _scale_and_targets(
+        batch, cs, lanes, sigma, mean_ptr, std_ptr, mean_value, std_value, C,
+        stride_mb, stride_mc, stride_sb, stride_sc, PER_CHANNEL, MEAN_FROM_PTR, STD_FROM_PTR,
+        BLOCK_C)
+    _write_normalized(x_ptr, out_ptr, batch, 0, TILES, group_cb, ki, kj, mu, scale, target_mean,
+                      spread_ok, NUM_WB, NUM_CB_LOOP, C, WS, SH, SW,
+                      stride_xb, stride_xc, stride_xh, stride_xw,
+                      stride_ob, stride_oc, stride_oh, stride_ow,
+                      PER_CHANNEL, UNROLL, BLOCK_W, BLOCK_C)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hrkernels.ops._backend import interpreter_enabled, select_backend
+from hrkernels.ops._backend import interpreter_enabled, registered_op, select_backend
 from hrkernels.ops._checks import as_pair, check_feature_map, output_memory_format
 from hrkernels.ops._launch import (
     channels_contiguous,
@@ -27,6 +27,9 @@ Target = float | torch.Tensor
 
 # The normalisation pass combines at most this many partials per group (a constexpr: one compile).
 MAX_CHUNKS = 64
+# Groups (per program: tiles x tile size) up to this many elements run as one fused launch, one
+# program per group: the APT latents ([1, 4, 512, 512] with factor 4 x 4: 16 groups of 65536).
+FUSED_GROUP_ELEMENTS = 1 << 17
 
 
 def _check_target(value: Target, name: str, x: torch.Tensor,
@@ -85,11 +88,13 @@ class _Plan:
     group_size: int
     chunk_block: int
     grid: tuple[int]
+    fused: bool  # one launch (_lattice_fused_kernel), else partial statistics + normalisation
+    unroll: int  # tiles loaded per loop iteration
 
 
 @functools.lru_cache(maxsize=256)
 def _plan(shape: tuple[int, ...], channels_last_tiles: bool, sh: int, sw: int, per_channel: bool,
-          device: torch.device) -> _Plan:
+          device: torch.device, fused_limit: int) -> _Plan:
     """The launch plan (cached: the op is launch-bound at latent sizes, so a repeated call only
     allocates and launches)."""
     batch, channels, height, width = shape
@@ -104,8 +109,9 @@ def _plan(shape: tuple[int, ...], channels_last_tiles: bool, sh: int, sw: int, p
     # Chunks per group: enough programs to fill the GPU (4 per SM), at most MAX_CHUNKS. Per channel
     # every program of the normalisation pass reads [BLOCK_C, chunks] partials, so chunks are also
     # kept small against the tile data each program moves.
+    fused = tiles * tile.block_w * tile.block_c <= fused_limit
     target = 8 if interpreter_enabled() else 4 * multiprocessor_count(device)
-    chunks = max(1, min(-(-target // units), MAX_CHUNKS, tiles))
+    chunks = 1 if fused else max(1, min(-(-target // units), MAX_CHUNKS, tiles))
     if per_channel:
         chunks = max(1, min(chunks, math.isqrt(tiles * tile.block_w // 48)))
     tiles_per_chunk = -(-tiles // chunks)
@@ -117,6 +123,7 @@ def _plan(shape: tuple[int, ...], channels_last_tiles: bool, sh: int, sw: int, p
         groups=batch * sh * sw * (channels if per_channel else 1), chunks=chunks,
         group_size=lattice_h * lattice_w * (1 if per_channel else channels),
         chunk_block=_chunk_block(per_channel, tile.block_c), grid=(units * chunks,),
+        fused=fused, unroll=2 if interpreter_enabled() else 16 if fused else 4,
     )
 
 
@@ -125,29 +132,39 @@ def _match_stats_triton(
     std_tensor: torch.Tensor | None, sh: int, sw: int, per_channel: bool,
 ) -> torch.Tensor:
     from hrkernels.ops.stats.kernels import (
+        _lattice_fused_kernel,
         _lattice_normalize_kernel,
         _lattice_partial_stats_kernel,
     )
 
     out = empty_output(tuple(x.shape), x.dtype, x.device, output_memory_format(x))
-    plan = _plan(tuple(x.shape), channels_contiguous(x, out), sh, sw, per_channel, x.device)
-    partials = torch.empty((plan.groups, plan.chunks, 3), dtype=torch.float32, device=x.device)
-    _lattice_partial_stats_kernel[plan.grid](
-        x, partials, *plan.sizes, *x.stride(), plan.chunks * 3, 3,
-        PER_CHANNEL=per_channel, BLOCK_W=plan.block_w, BLOCK_C=plan.block_c,
-        num_warps=plan.num_warps,
-    )
+    plan = _plan(tuple(x.shape), channels_contiguous(x, out), sh, sw, per_channel, x.device,
+                 FUSED_GROUP_ELEMENTS)
     # Strides of the [B] / [B, C] target views (stride 0 where broadcast); unused for floats.
     mean_strides = (*mean_tensor.stride(), 0)[:2] if mean_tensor is not None else (0, 0)
     std_strides = (*std_tensor.stride(), 0)[:2] if std_tensor is not None else (0, 0)
+    targets = (x if mean_tensor is None else mean_tensor, x if std_tensor is None else std_tensor,
+               mean_value, std_value)
+    flags = dict(PER_CHANNEL=per_channel, MEAN_FROM_PTR=mean_tensor is not None,
+                 STD_FROM_PTR=std_tensor is not None, UNROLL=plan.unroll, BLOCK_W=plan.block_w,
+                 BLOCK_C=plan.block_c, num_warps=plan.num_warps)
+    channels, lattice_w, _, _, blocks_w, group_blocks_c, loop_blocks_c, _, tiles, _ = plan.sizes
+    if plan.fused:
+        _lattice_fused_kernel[plan.grid](
+            x, out, *targets, channels, lattice_w, sh, sw, blocks_w, group_blocks_c,
+            loop_blocks_c, tiles, plan.group_size, *x.stride(), *out.stride(), *mean_strides,
+            *std_strides, **flags,
+        )
+        return out
+    partials = torch.empty((plan.groups, plan.chunks, 3), dtype=torch.float32, device=x.device)
+    _lattice_partial_stats_kernel[plan.grid](
+        x, partials, *plan.sizes, *x.stride(), plan.chunks * 3, 3,
+        PER_CHANNEL=per_channel, UNROLL=plan.unroll, BLOCK_W=plan.block_w, BLOCK_C=plan.block_c,
+        num_warps=plan.num_warps,
+    )
     _lattice_normalize_kernel[plan.grid](
-        x, partials, out, x if mean_tensor is None else mean_tensor,
-        x if std_tensor is None else std_tensor, mean_value, std_value,
-        *plan.sizes, plan.group_size, *x.stride(), *out.stride(), plan.chunks * 3, 3,
-        *mean_strides, *std_strides,
-        PER_CHANNEL=per_channel, MEAN_FROM_PTR=mean_tensor is not None,
-        STD_FROM_PTR=std_tensor is not None, CHUNK_BLOCK=plan.chunk_block,
-        BLOCK_W=plan.block_w, BLOCK_C=plan.block_c, num_warps=plan.num_warps,
+        x, partials, out, *targets, *plan.sizes, plan.group_size, *x.stride(), *out.stride(),
+        plan.chunks * 3, 3, *mean_strides, *std_strides, CHUNK_BLOCK=plan.chunk_block, **flags,
     )
     return out
 
@@ -157,7 +174,7 @@ def _match_stats_triton(
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("hrkernels::match_stats", mutates_args=())
+@registered_op("match_stats")
 def _match_stats_op(
     x: torch.Tensor, mean_value: float, mean_tensor: torch.Tensor | None, std_value: float,
     std_tensor: torch.Tensor | None, sh: int, sw: int, per_channel: bool,

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from hrkernels.ops._backend import select_backend
+from hrkernels.ops._backend import registered_op, select_backend
 from hrkernels.ops._checks import (
     as_pair,
     check_feature_map,
@@ -130,7 +130,7 @@ def _gather_windows_triton(x, starts, window_h, window_w, memory_format):
     return out
 
 
-@torch.library.custom_op("hrkernels::gather_windows", mutates_args=())
+@registered_op("gather_windows")
 def _gather_windows_op(
     x: torch.Tensor, starts: torch.Tensor, window_h: int, window_w: int, channels_last: bool
 ) -> torch.Tensor:
@@ -222,7 +222,7 @@ def _scatter_windows_mean_triton(views, starts, height, width, weights, memory_f
     return out
 
 
-@torch.library.custom_op("hrkernels::scatter_windows_mean", mutates_args=())
+@registered_op("scatter_windows_mean")
 def _scatter_windows_mean_op(
     views: torch.Tensor, starts: torch.Tensor, height: int, width: int,
     weights: torch.Tensor | None, channels_last: bool,
@@ -313,7 +313,7 @@ def _dilated_copy_triton(full, views, factor, to_views):
     )
 
 
-@torch.library.custom_op("hrkernels::gather_dilated", mutates_args=())
+@registered_op("gather_dilated")
 def _gather_dilated_op(x: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
     memory_format = output_memory_format(x)
     if select_backend("gather_dilated", x.device) == "triton":
@@ -332,7 +332,7 @@ def _(x, sh, sw):
                        device=x.device, memory_format=output_memory_format(x))
 
 
-@torch.library.custom_op("hrkernels::scatter_dilated", mutates_args=())
+@registered_op("scatter_dilated")
 def _scatter_dilated_op(views: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
     memory_format = output_memory_format(views)
     if select_backend("scatter_dilated", views.device) == "triton":
