@@ -9,7 +9,6 @@ import torch
 from conftest import DTYPES, LAYOUTS, assert_close, make_layout
 
 from hrkernels.ops import match_stats, use_backend
-from hrkernels.ops.stats import op as stats_op
 from hrkernels.ops.stats import reference
 
 pytestmark = pytest.mark.usefixtures("triton_backend")
@@ -59,19 +58,10 @@ STATS_CASES = [
 ]
 
 
-@pytest.fixture(params=["fused", "two launches"])
-def launches(request, monkeypatch):
-    """Both Triton paths: one fused launch per group, or partial statistics + normalisation."""
-    if request.param == "two launches":
-        monkeypatch.setattr(stats_op, "FUSED_GROUP_ELEMENTS", 0)
-    return request.param
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape, factor, per_channel", STATS_CASES)
-def test_match_stats_matches_reference(device, dtype, layout, shape, factor, per_channel,
-                                       launches):
+def test_match_stats_matches_reference(device, dtype, layout, shape, factor, per_channel):
     x = random_map(shape, dtype, device, layout)
     batch, channels = shape[:2]
     mean = torch.randn(batch, channels, device=device) if per_channel else -0.5
@@ -101,7 +91,7 @@ def test_match_stats_reaches_the_targets(device, factor, per_channel):
     "shape, factor, per_channel",
     [((2, 3, 2, 2), (2, 2), True), ((1, 1, 2, 4), (2, 4), False), ((2, 1, 3, 3), (3, 3), False)],
 )
-def test_one_element_sub_lattices_become_the_mean(device, shape, factor, per_channel, launches):
+def test_one_element_sub_lattices_become_the_mean(device, shape, factor, per_channel):
     """A sub-lattice of one element has no (unbiased) spread: it becomes the target mean."""
     x = random_map(shape, torch.float32, device)
     mean = torch.randn(shape[:2] if per_channel else shape[:1], device=device)
@@ -112,7 +102,7 @@ def test_one_element_sub_lattices_become_the_mean(device, shape, factor, per_cha
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_constant_sub_lattices_become_the_mean(device, dtype, launches):
+def test_constant_sub_lattices_become_the_mean(device, dtype):
     x = random_map((2, 3, 6, 4), dtype, device)
     x[:, :, 0::2, 1::2] = 0.1  # sub-lattice k = 1 is constant (0.1 is inexact in binary)
     out = match_stats(x, 0.25, 3.0, (2, 2))
@@ -129,7 +119,7 @@ def test_nan_sub_lattice_becomes_the_mean_and_stays_local(device):
     assert not out.isnan().any()
 
 
-def test_statistics_are_stable_for_large_offsets(device, launches):
+def test_statistics_are_stable_for_large_offsets(device):
     """A mean 1e4 times the spread: sum-of-squares statistics would lose every digit."""
     x = random_map((2, 4, 8, 8), torch.float32, device, scale=1.0, offset=1e4)
     out = match_stats(x, 0.0, 1.0, (2, 2))
@@ -138,7 +128,7 @@ def test_statistics_are_stable_for_large_offsets(device, launches):
     torch.testing.assert_close(lattices(out, (2, 2)), (views - mean) / std, atol=5e-3, rtol=0)
 
 
-def test_match_stats_is_deterministic(device, launches):
+def test_match_stats_is_deterministic(device):
     # Several chunks per sub-lattice, so the merge of partials is exercised.
     x = random_map((1, 3, 32, 16), torch.float16, device)
     first = match_stats(x, 0.1, 0.9, (2, 2))
@@ -240,7 +230,7 @@ def test_compiles_without_graph_break(device):
      ((2, 64, 256, 256), (2, 2), True, "strided"),
      ((2, 640, 128, 128), (1, 1), True, "channels_last")],
 )
-def test_large_shapes_on_gpu(dtype, shape, factor, per_channel, layout, launches):
+def test_large_shapes_on_gpu(dtype, shape, factor, per_channel, layout):
     x = random_map(shape, dtype, "cuda", layout)
     mean = torch.tensor(0.2, device="cuda")
     std = torch.tensor(0.9, device="cuda")

@@ -143,9 +143,8 @@ def _default_knobs(channels: int, contiguous_channels: bool, element_size: int,
     """The tuned plan knobs (``bench/tune_blur.py`` on the H100; ``blur/README.md``).
 
     * Channels-contiguous maps, ``k >= 5``: the register-blocked columns kernel (each element
-      loaded and converted once), 4 columns x 4 channels per thread (2 x 2 for ``k >= 9``, whose
-      row history is longer), 2 rows per iteration for the blur, 1 for the fusion (whose two inputs
-      need more registers), L2 prefetch.
+      loaded and converted once), 3 columns x 4 channels per thread and 2 rows per iteration
+      (2 x 2 and 1 row for ``k >= 9``, whose row history is longer), L2 prefetch.
     * Channels-contiguous maps, ``k <= 3`` (and the channel blur): the rows kernel, 16-byte
       vectors (8 fp16) per thread for the blur, 4 elements for the fusion, ``2k`` rows per
       iteration, no prefetch (the ``k`` shifted loads hit L1 anyway).
@@ -155,9 +154,9 @@ def _default_knobs(channels: int, contiguous_channels: bool, element_size: int,
     vector = 16 // element_size
     if contiguous_channels and channels % vector == 0:
         if kernel_size >= 5 and not feature_blur:
-            wide = kernel_size <= 7
-            return dict(tile_w=4 if wide else 2, per_thread=4 if wide else 2,
-                        unroll=1 if fusion or not wide else 2, prefetch=True)
+            if kernel_size <= 7:
+                return dict(tile_w=3, per_thread=4, unroll=2, prefetch=True)
+            return dict(tile_w=2, per_thread=2, unroll=1, prefetch=True)
         return dict(per_thread=vector // 2 if fusion else vector, unroll=2 * kernel_size,
                     prefetch=False)
     return dict(per_thread=1, unroll=4, prefetch=False)

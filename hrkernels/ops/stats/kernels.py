@@ -1,15 +1,13 @@
 """Triton kernels of the ``stats`` family: per-sub-lattice statistics and renormalisation.
 
-``match_stats`` runs one launch for small groups and two for large ones; it never reads a statistic
-on the host:
+``match_stats`` runs two launches and never reads a statistic on the host:
 
-* ``_lattice_fused_kernel`` (groups of at most ``op.FUSED_GROUP_ELEMENTS``, e.g. the APT latents):
-  one program per group (image ``b``, sub-lattice ``k``, channel block when per-channel) reads the
-  group once for its statistics and again (from L2) to write ``std / sigma_k * (x - mu_k) + mean``.
-* Larger groups: ``_lattice_partial_stats_kernel`` splits every group into ``NUM_CHUNKS`` chunks of
-  tiles and writes each chunk's ``(count, mean, M2)`` to its own slot of a partials buffer; then
-  ``_lattice_normalize_kernel`` combines the group's partials (the same fixed-order tree in every
-  program, so every program gets bit-identical statistics) and writes its chunk of the output.
+1. ``_lattice_partial_stats_kernel``: the elements of every group (image ``b``, sub-lattice ``k``,
+   and channel when per-channel) are split into ``NUM_CHUNKS`` chunks of tiles; each program reduces
+   one chunk to ``(count, mean, M2)`` in fp32 and writes it to its own slot of a partials buffer.
+2. ``_lattice_normalize_kernel``: each program combines the ``NUM_CHUNKS`` partials of its group
+   (the same fixed-order tree in every program, so every program gets bit-identical statistics) and
+   writes ``std / sigma_k * (x - mu_k) + mean`` for its chunk of tiles.
 
 No atomics: results are bitwise reproducible. Statistics are fp32 and numerically stable: every
 lane (element position of a tile) keeps its own ``(count, mean, M2)``; each iteration adds
@@ -292,47 +290,6 @@ def _lattice_normalize_kernel(
     _write_normalized(x_ptr, out_ptr, batch, first_tile, last_tile, group_cb, ki, kj,
                       mu + tl.zeros([BLOCK_C], dtype=tl.float32), scale, target_mean, spread_ok,
                       NUM_WB, NUM_CB_LOOP, C, WS, SH, SW,
-                      stride_xb, stride_xc, stride_xh, stride_xw,
-                      stride_ob, stride_oc, stride_oh, stride_ow,
-                      PER_CHANNEL, UNROLL, BLOCK_W, BLOCK_C)
-
-
-@triton.jit
-def _lattice_fused_kernel(
-    x_ptr, out_ptr, mean_ptr, std_ptr, mean_value, std_value,
-    C, WS, SH, SW, NUM_WB, NUM_CB, NUM_CB_LOOP, TILES, GROUP_SIZE,
-    stride_xb, stride_xc, stride_xh, stride_xw,
-    stride_ob, stride_oc, stride_oh, stride_ow,
-    stride_mb, stride_mc, stride_sb, stride_sc,
-    PER_CHANNEL: tl.constexpr, MEAN_FROM_PTR: tl.constexpr, STD_FROM_PTR: tl.constexpr,
-    UNROLL: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    # grid: B * K * NUM_CB: one program per group reads it twice (the second time from L2).
-    batch, k, group_cb, _ = _decompose(tl.program_id(0), NUM_CB, 1, SH * SW)
-    ki = k // SW
-    kj = k % SW
-    batch_offset = batch.to(tl.int64) * stride_xb
-    pivot = _pivot(x_ptr, batch_offset, ki, kj, group_cb, stride_xc, stride_xh, stride_xw,
-                   PER_CHANNEL, BLOCK_C, C)
-    count, mean, m2 = _lane_statistics(x_ptr, batch_offset, pivot, 0, TILES, group_cb, ki, kj,
-                                       NUM_WB, NUM_CB_LOOP, C, WS, SH, SW,
-                                       stride_xc, stride_xh, stride_xw, PER_CHANNEL, UNROLL,
-                                       BLOCK_W, BLOCK_C)
-    lanes = tl.arange(0, BLOCK_C)
-    cs = group_cb * BLOCK_C + lanes
-    if PER_CHANNEL:
-        _, mu, m2 = _merge_lanes(count, mean, m2, 0)  # [BLOCK_C]
-    else:
-        _, mu, m2 = _merge_lanes(count, mean, m2, None)
-        mu = mu + tl.zeros([BLOCK_C], dtype=tl.float32)
-        m2 = m2 + tl.zeros([BLOCK_C], dtype=tl.float32)
-    sigma = tl.sqrt(m2 / tl.maximum(GROUP_SIZE - 1, 1).to(tl.float32))
-    target_mean, scale, spread_ok = _scale_and_targets(
-        batch, cs, lanes, sigma, mean_ptr, std_ptr, mean_value, std_value, C,
-        stride_mb, stride_mc, stride_sb, stride_sc, PER_CHANNEL, MEAN_FROM_PTR, STD_FROM_PTR,
-        BLOCK_C)
-    _write_normalized(x_ptr, out_ptr, batch, 0, TILES, group_cb, ki, kj, mu, scale, target_mean,
-                      spread_ok, NUM_WB, NUM_CB_LOOP, C, WS, SH, SW,
                       stride_xb, stride_xc, stride_xh, stride_xw,
                       stride_ob, stride_oc, stride_oh, stride_ow,
                       PER_CHANNEL, UNROLL, BLOCK_W, BLOCK_C)

@@ -27,9 +27,9 @@ Target = float | torch.Tensor
 
 # The normalisation pass combines at most this many partials per group (a constexpr: one compile).
 MAX_CHUNKS = 64
-# Groups (per program: tiles x tile size) up to this many elements run as one fused launch, one
-# program per group: the APT latents ([1, 4, 512, 512] with factor 4 x 4: 16 groups of 65536).
-FUSED_GROUP_ELEMENTS = 1 << 17
+# Elements of a tile: 16 per thread of 4 warps keeps the statistics pass's per-lane accumulators
+# (6 fp32 per element) at ~130 registers, 4 programs per SM (more spills).
+TILE_ELEMENTS = 2048
 
 
 def _check_target(value: Target, name: str, x: torch.Tensor,
@@ -88,18 +88,18 @@ class _Plan:
     group_size: int
     chunk_block: int
     grid: tuple[int]
-    fused: bool  # one launch (_lattice_fused_kernel), else partial statistics + normalisation
-    unroll: int  # tiles loaded per loop iteration
+    unroll_stats: int  # tiles loaded per loop iteration of the statistics pass ...
+    unroll_normalize: int  # ... and of the normalisation pass
 
 
 @functools.lru_cache(maxsize=256)
 def _plan(shape: tuple[int, ...], channels_last_tiles: bool, sh: int, sw: int, per_channel: bool,
-          device: torch.device, fused_limit: int) -> _Plan:
+          device: torch.device) -> _Plan:
     """The launch plan (cached: the op is launch-bound at latent sizes, so a repeated call only
     allocates and launches)."""
     batch, channels, height, width = shape
     lattice_h, lattice_w = height // sh, width // sw
-    tile = row_tile(channels, lattice_w, channels_last_tiles)
+    tile = row_tile(channels, lattice_w, channels_last_tiles, TILE_ELEMENTS)
     blocks_w, blocks_c = tile.blocks(lattice_w, channels)
     group_blocks_c = blocks_c if per_channel else 1  # channel blocks that are separate groups
     loop_blocks_c = 1 if per_channel else blocks_c  # channel blocks inside one group
@@ -109,9 +109,8 @@ def _plan(shape: tuple[int, ...], channels_last_tiles: bool, sh: int, sw: int, p
     # Chunks per group: enough programs to fill the GPU (4 per SM), at most MAX_CHUNKS. Per channel
     # every program of the normalisation pass reads [BLOCK_C, chunks] partials, so chunks are also
     # kept small against the tile data each program moves.
-    fused = tiles * tile.block_w * tile.block_c <= fused_limit
     target = 8 if interpreter_enabled() else 4 * multiprocessor_count(device)
-    chunks = 1 if fused else max(1, min(-(-target // units), MAX_CHUNKS, tiles))
+    chunks = max(1, min(-(-target // units), MAX_CHUNKS, tiles))
     if per_channel:
         chunks = max(1, min(chunks, math.isqrt(tiles * tile.block_w // 48)))
     tiles_per_chunk = -(-tiles // chunks)
@@ -123,7 +122,7 @@ def _plan(shape: tuple[int, ...], channels_last_tiles: bool, sh: int, sw: int, p
         groups=batch * sh * sw * (channels if per_channel else 1), chunks=chunks,
         group_size=lattice_h * lattice_w * (1 if per_channel else channels),
         chunk_block=_chunk_block(per_channel, tile.block_c), grid=(units * chunks,),
-        fused=fused, unroll=2 if interpreter_enabled() else 16 if fused else 4,
+        unroll_stats=2, unroll_normalize=2 if interpreter_enabled() else 4,
     )
 
 
@@ -132,39 +131,30 @@ def _match_stats_triton(
     std_tensor: torch.Tensor | None, sh: int, sw: int, per_channel: bool,
 ) -> torch.Tensor:
     from hrkernels.ops.stats.kernels import (
-        _lattice_fused_kernel,
         _lattice_normalize_kernel,
         _lattice_partial_stats_kernel,
     )
 
     out = empty_output(tuple(x.shape), x.dtype, x.device, output_memory_format(x))
-    plan = _plan(tuple(x.shape), channels_contiguous(x, out), sh, sw, per_channel, x.device,
-                 FUSED_GROUP_ELEMENTS)
-    # Strides of the [B] / [B, C] target views (stride 0 where broadcast); unused for floats.
-    mean_strides = (*mean_tensor.stride(), 0)[:2] if mean_tensor is not None else (0, 0)
-    std_strides = (*std_tensor.stride(), 0)[:2] if std_tensor is not None else (0, 0)
-    targets = (x if mean_tensor is None else mean_tensor, x if std_tensor is None else std_tensor,
-               mean_value, std_value)
-    flags = dict(PER_CHANNEL=per_channel, MEAN_FROM_PTR=mean_tensor is not None,
-                 STD_FROM_PTR=std_tensor is not None, UNROLL=plan.unroll, BLOCK_W=plan.block_w,
-                 BLOCK_C=plan.block_c, num_warps=plan.num_warps)
-    channels, lattice_w, _, _, blocks_w, group_blocks_c, loop_blocks_c, _, tiles, _ = plan.sizes
-    if plan.fused:
-        _lattice_fused_kernel[plan.grid](
-            x, out, *targets, channels, lattice_w, sh, sw, blocks_w, group_blocks_c,
-            loop_blocks_c, tiles, plan.group_size, *x.stride(), *out.stride(), *mean_strides,
-            *std_strides, **flags,
-        )
-        return out
+    plan = _plan(tuple(x.shape), channels_contiguous(x, out), sh, sw, per_channel, x.device)
     partials = torch.empty((plan.groups, plan.chunks, 3), dtype=torch.float32, device=x.device)
     _lattice_partial_stats_kernel[plan.grid](
         x, partials, *plan.sizes, *x.stride(), plan.chunks * 3, 3,
-        PER_CHANNEL=per_channel, UNROLL=plan.unroll, BLOCK_W=plan.block_w, BLOCK_C=plan.block_c,
-        num_warps=plan.num_warps,
+        PER_CHANNEL=per_channel, UNROLL=plan.unroll_stats, BLOCK_W=plan.block_w,
+        BLOCK_C=plan.block_c, num_warps=plan.num_warps,
     )
+    # Strides of the [B] / [B, C] target views (stride 0 where broadcast); unused for floats.
+    mean_strides = (*mean_tensor.stride(), 0)[:2] if mean_tensor is not None else (0, 0)
+    std_strides = (*std_tensor.stride(), 0)[:2] if std_tensor is not None else (0, 0)
     _lattice_normalize_kernel[plan.grid](
-        x, partials, out, *targets, *plan.sizes, plan.group_size, *x.stride(), *out.stride(),
-        plan.chunks * 3, 3, *mean_strides, *std_strides, CHUNK_BLOCK=plan.chunk_block, **flags,
+        x, partials, out, x if mean_tensor is None else mean_tensor,
+        x if std_tensor is None else std_tensor, mean_value, std_value,
+        *plan.sizes, plan.group_size, *x.stride(), *out.stride(), plan.chunks * 3, 3,
+        *mean_strides, *std_strides,
+        PER_CHANNEL=per_channel, MEAN_FROM_PTR=mean_tensor is not None,
+        STD_FROM_PTR=std_tensor is not None, CHUNK_BLOCK=plan.chunk_block,
+        UNROLL=plan.unroll_normalize, BLOCK_W=plan.block_w, BLOCK_C=plan.block_c,
+        num_warps=plan.num_warps,
     )
     return out
 
