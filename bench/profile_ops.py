@@ -29,6 +29,7 @@ import triton.language as tl
 import triton.testing
 
 from hrkernels import ops
+from hrkernels.bench.harness import copy_bandwidth_gbps
 
 
 @triton.jit
@@ -39,7 +40,7 @@ def _empty_kernel(x_ptr, n, a, b, c, d, e, f, g, h, i, j, k, l, m, o, p, q, r, s
     tl.store(x_ptr + offsets, tl.zeros([BLOCK], dtype=tl.float32), mask=offsets < n)
 
 
-def _cases():
+def _cases() -> dict:
     def randn(*shape, channels_last=False):
         if channels_last:
             b, c, h, w = shape
@@ -49,24 +50,35 @@ def _cases():
     latent = randn(1, 4, 512, 512)
     latent2 = randn(1, 4, 512, 512)
     big = randn(8, 64, 512, 512)
-    feat = randn(2, 640, 128, 128, channels_last=True)
-    feat2 = randn(2, 640, 128, 128, channels_last=True)
+    feats = {size: (randn(2, 640, size, size, channels_last=True),
+                    randn(2, 640, size, size, channels_last=True)) for size in (128, 256)}
     scratch = torch.empty(1024, device="cuda")
-    return {
-        "triton empty launch (20 args)": lambda: _empty_kernel[(1,)](
-            scratch, 1024, *range(18), BLOCK=1024),
-        "torch.empty_like latent": lambda: torch.empty_like(latent),
-        "match_stats latent f4x4": lambda: ops.match_stats(latent, 0.0, 1.0, (4, 4)),
-        "match_stats latent f1x1": lambda: ops.match_stats(latent, 0.0, 1.0),
-        "gaussian_blur2d latent k7": lambda: ops.gaussian_blur2d(latent, 0.8, 7),
-        "frequency_fusion latent k7": lambda: ops.frequency_fusion(latent, latent2, 0.8, 7),
-        "gather_dilated latent f4": lambda: ops.gather_dilated(latent, (4, 4)),
-        "match_stats [8,64,512,512] f1x1": lambda: ops.match_stats(big, 0.0, 1.0),
-        "match_stats [8,64,512,512] f4x4": lambda: ops.match_stats(big, 0.0, 1.0, (4, 4)),
-        "frequency_fusion feat k3": lambda: ops.frequency_fusion(feat, feat2, 1.0, 3),
-        "frequency_fusion feat k7": lambda: ops.frequency_fusion(feat, feat2, 1.0, 7),
-        "gaussian_blur2d feat k7": lambda: ops.gaussian_blur2d(feat, 1.0, 7),
+    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+    cases = {  # name: (call, bytes moved: inputs read once, output written once)
+        "triton empty launch (20 args)": (lambda: _empty_kernel[(1,)](
+            scratch, 1024, *range(18), BLOCK=1024), 0),
+        "torch.empty_like latent": (lambda: torch.empty_like(latent), 0),
+        "match_stats latent f4x4": (lambda: ops.match_stats(latent, 0.0, 1.0, (4, 4)),
+                                    2 * nbytes(latent)),
+        "match_stats latent f1x1": (lambda: ops.match_stats(latent, 0.0, 1.0), 2 * nbytes(latent)),
+        "gaussian_blur2d latent k7": (lambda: ops.gaussian_blur2d(latent, 0.8, 7),
+                                      2 * nbytes(latent)),
+        "frequency_fusion latent k7": (lambda: ops.frequency_fusion(latent, latent2, 0.8, 7),
+                                       3 * nbytes(latent)),
+        "gather_dilated latent f4": (lambda: ops.gather_dilated(latent, (4, 4)),
+                                     2 * nbytes(latent)),
+        "match_stats [8,64,512,512] f1x1": (lambda: ops.match_stats(big, 0.0, 1.0),
+                                            2 * nbytes(big)),
+        "match_stats [8,64,512,512] f4x4": (lambda: ops.match_stats(big, 0.0, 1.0, (4, 4)),
+                                            2 * nbytes(big)),
     }
+    for size, (a, b) in feats.items():
+        for k in (3, 7):
+            cases[f"frequency_fusion [2,{size},{size},640] cl k{k}"] = (
+                lambda a=a, b=b, k=k: ops.frequency_fusion(a, b, 1.0, k), 3 * nbytes(a))
+            cases[f"gaussian_blur2d [2,{size},{size},640] cl k{k}"] = (
+                lambda b=b, k=k: ops.gaussian_blur2d(b, 1.0, k), 2 * nbytes(b))
+    return cases
 
 
 def _wall_us(fn, calls: int = 300) -> float:
@@ -98,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--filter", default="")
     args = parser.parse_args(argv)
     report = {}
-    for name, fn in _cases().items():
+    bandwidth = copy_bandwidth_gbps(torch.device("cuda"))
+    print(f"copy bandwidth {bandwidth:.0f} GB/s")
+    for name, (fn, moved) in _cases().items():
         if args.filter not in name:
             continue
         for _ in range(3):
@@ -106,10 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         wall = _wall_us(fn)
         bench = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
         device = _device_us(fn)
-        report[name] = {"wall_us": wall, "bench_us": bench, "device_us": device}
+        total = sum(device.values())
+        fraction = moved / (total * 1e-6) / 1e9 / bandwidth if moved and total else None
+        report[name] = {"wall_us": wall, "bench_us": bench, "device_us": device,
+                        "device_total_us": total, "device_copy_fraction": fraction}
         kernels = ", ".join(f"{k} {v:.1f}" for k, v in device.items())
-        print(f"{name}: wall {wall:.1f} us/call, bench {bench:.1f} us, device {kernels}",
-              flush=True)
+        share = f" = {fraction:.0%} of copy bandwidth" if fraction else ""
+        print(f"{name}: wall {wall:.1f} us/call, bench {bench:.1f} us, device {total:.1f} us"
+              f"{share} ({kernels})", flush=True)
         if args.cprofile and "latent" in name:
             profile = cProfile.Profile()
             profile.enable()

@@ -10,11 +10,10 @@
    writes ``std / sigma_k * (x - mu_k) + mean`` for its chunk of tiles.
 
 No atomics: results are bitwise reproducible. Statistics are fp32 and numerically stable: every
-lane (element position of a tile) keeps its own ``(count, mean, M2)``; each iteration adds
-``UNROLL`` tiles as sums of deviations from the lane's running mean (which starts at the group's
-first element), merged exactly (Chan et al.), so no cross-thread reduction runs inside the loop;
-the lanes are merged once at the end. A constant sub-lattice has exactly M2 = 0 (and becomes the
-constant target mean).
+lane (element position of a tile) sums the deviations of its values from its own first value and
+their squares (no cross-thread reduction inside the loop); the lanes' ``(count, mean, M2)`` are
+merged once at the end, and chunks across programs, with Chan's parallel formulas. A constant
+sub-lattice has exactly M2 = 0 (and becomes the constant target mean).
 
 A tile is ``[BLOCK_W, BLOCK_C]`` (sub-lattice columns x channels) of one sub-lattice row, the
 contiguous axis wide (``_launch.row_tile``). All sizes and strides are runtime arguments.
@@ -87,30 +86,31 @@ def _lane_statistics(x_ptr, batch_offset, pivot, first_tile, last_tile, group_cb
                      PER_CHANNEL: tl.constexpr, UNROLL: tl.constexpr, BLOCK_W: tl.constexpr,
                      BLOCK_C: tl.constexpr):
     # Per-lane (count, mean, M2) over tiles [first_tile, last_tile), each [BLOCK_W, BLOCK_C] fp32.
-    # An iteration loads UNROLL tiles, sums their deviations d from the lane's running mean
-    # (S = sum d, Q = sum d^2 over k values) and merges exactly: n' = n + k, mean' = mean + S / n',
-    # M2' = M2 + Q - S^2 / n'.
+    # Each lane sums d and d^2 of its values shifted by its own first value (the pivot where the
+    # first tile has no value), so the sums stay near the lane's spread: M2 = Q - S^2 / n has no
+    # cancellation worse than the shift's distance from the mean. The loop body is a load, a
+    # subtraction, an add and an FMA per element; UNROLL tiles are in flight per iteration.
+    offsets, mask = _tile_offsets(first_tile, group_cb, ki, kj, NUM_WB, NUM_CB_LOOP, C, WS, SH, SW,
+                                  stride_xc, stride_xh, stride_xw, PER_CHANNEL, BLOCK_W, BLOCK_C)
+    first = tl.load(x_ptr + batch_offset + offsets, mask=mask, other=0.0).to(tl.float32)
+    shift = tl.where(mask, first, pivot[None, :])
     count = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
-    mean = count + pivot[None, :]
-    m2 = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    total = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
     for tile0 in range(first_tile, last_tile, UNROLL):
-        block_count = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
-        block_sum = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
-        block_squares = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
         for u in tl.static_range(UNROLL):
             offsets, mask = _tile_offsets(tile0 + u, group_cb, ki, kj, NUM_WB, NUM_CB_LOOP, C, WS,
                                           SH, SW, stride_xc, stride_xh, stride_xw, PER_CHANNEL,
                                           BLOCK_W, BLOCK_C)
             mask = mask & (tile0 + u + tl.zeros([BLOCK_W, 1], dtype=tl.int32) < last_tile)
             values = tl.load(x_ptr + batch_offset + offsets, mask=mask, other=0.0)
-            deviations = tl.where(mask, values.to(tl.float32) - mean, 0.0)
-            block_count += mask.to(tl.float32)
-            block_sum += deviations
-            block_squares += deviations * deviations
-        count += block_count
-        inverse = 1.0 / tl.maximum(count, 1.0)
-        mean += block_sum * inverse
-        m2 += block_squares - block_sum * block_sum * inverse
+            deviations = tl.where(mask, values.to(tl.float32) - shift, 0.0)
+            count += mask.to(tl.float32)
+            total += deviations
+            squares += deviations * deviations
+    inverse = 1.0 / tl.maximum(count, 1.0)
+    mean = shift + total * inverse
+    m2 = tl.maximum(squares - total * total * inverse, 0.0)
     return count, mean, m2
 
 

@@ -27,8 +27,8 @@ Target = float | torch.Tensor
 
 # The normalisation pass combines at most this many partials per group (a constexpr: one compile).
 MAX_CHUNKS = 64
-# Elements of a tile: 16 per thread of 4 warps keeps the statistics pass's per-lane accumulators
-# (6 fp32 per element) at ~130 registers, 4 programs per SM (more spills).
+# Elements of a tile: 16 per thread of 4 warps; the statistics pass keeps 4 fp32 per element
+# (shift, count, sums) in registers.
 TILE_ELEMENTS = 2048
 
 
@@ -122,7 +122,8 @@ def _plan(shape: tuple[int, ...], channels_last_tiles: bool, sh: int, sw: int, p
         groups=batch * sh * sw * (channels if per_channel else 1), chunks=chunks,
         group_size=lattice_h * lattice_w * (1 if per_channel else channels),
         chunk_block=_chunk_block(per_channel, tile.block_c), grid=(units * chunks,),
-        unroll_stats=2, unroll_normalize=2 if interpreter_enabled() else 4,
+        unroll_stats=2 if interpreter_enabled() else 4,
+        unroll_normalize=2 if interpreter_enabled() else 4,
     )
 
 
