@@ -1,7 +1,7 @@
 """Build script for hrkernels.
 
-Today hrkernels is pure Python (its kernels are Triton, compiled at run time). This file is where the
-optional CUDA extension (`csrc/`) will be built; it is built only when asked for with
+Today hrkernels is pure Python (its kernels are Triton, compiled at run time). This file is where
+the optional CUDA extension (`csrc/`) will be built; it is built only when asked for with
 ``HRKERNELS_BUILD_CUDA=1``, so that a plain ``pip install`` never needs nvcc.
 """
 
