@@ -37,6 +37,31 @@ def _tap_weight(offset, inv_sigma):
 
 
 @triton.jit
+def _strip(pid, C, H, W, ROWS, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr):
+    # Program id -> (channel block, column block, row block, image) of a strip; channel blocks
+    # fastest, then columns, row blocks, images.
+    c_block, w_block, rest = split_row_tile(pid, C, W, BLOCK_C, BLOCK_W)
+    num_h = tl.cdiv(H, ROWS)
+    return c_block, w_block, rest % num_h, (rest // num_h).to(tl.int64)
+
+
+@triton.jit
+def _gaussian(sigma_ptr, sigma_value, K: tl.constexpr, K_PAD: tl.constexpr,
+              SIGMA_FROM_PTR: tl.constexpr):
+    # (1 / sigma, 1 / sum of the K unnormalised tap weights), fp32; sigma is a scalar argument or
+    # a 0-d tensor read through a pointer (no host sync).
+    if SIGMA_FROM_PTR:
+        sigma = tl.load(sigma_ptr).to(tl.float32)
+    else:
+        # fp32 (a Python float when interpreted)
+        sigma = sigma_value + tl.zeros([], dtype=tl.float32)
+    inv_sigma = 1.0 / sigma
+    taps = tl.arange(0, K_PAD)
+    weights = tl.where(taps < K, _tap_weight(taps - K // 2, inv_sigma), 0.0)
+    return inv_sigma, 1.0 / tl.sum(weights, axis=0)
+
+
+@triton.jit
 def _load_source(a_ptr, b_ptr, offsets_a, offsets_b, lanes_ok, MASKED: tl.constexpr,
                  FUSION: tl.constexpr):
     # The blurred quantity: ``a`` (blur) or ``b - a`` (fusion). Only the channel lanes past C are
@@ -165,19 +190,8 @@ def _separable_blur_kernel(
     # (output rows per program) is a runtime value; the launcher makes ROWS + 2 * (K // 2) a
     # multiple of UNROLL, so that no unrolled sub-step is wasted.
     R: tl.constexpr = K // 2
-    c_block, w_block, rest = split_row_tile(tl.program_id(0), C, W, BLOCK_C, BLOCK_W)
-    num_h = tl.cdiv(H, ROWS)
-    h_block = rest % num_h
-    batch = (rest // num_h).to(tl.int64)
-
-    if SIGMA_FROM_PTR:
-        sigma = tl.load(sigma_ptr).to(tl.float32)
-    else:
-        # fp32 (a Python float when interpreted)
-        sigma = sigma_value + tl.zeros([], dtype=tl.float32)
-    inv_sigma = 1.0 / sigma
-    taps = tl.arange(0, K_PAD)
-    inv_norm = 1.0 / tl.sum(tl.where(taps < K, _tap_weight(taps - R, inv_sigma), 0.0), axis=0)
+    c_block, w_block, h_block, batch = _strip(tl.program_id(0), C, H, W, ROWS, BLOCK_C, BLOCK_W)
+    inv_sigma, inv_norm = _gaussian(sigma_ptr, sigma_value, K, K_PAD, SIGMA_FROM_PTR)
 
     y0 = h_block * ROWS  # first output row of this program
     # Tiles are [1, BLOCK_W, BLOCK_C]: loads, rows and stores then share one register layout.
@@ -275,18 +289,8 @@ def _channels_last_blur_kernel(
     # grid: B * cdiv(H, ROWS) * cdiv(W, TILE_W) * cdiv(C, BLOCK_C), channel blocks fastest; the
     # launcher makes ROWS + 2R a multiple of UNROLL.
     R: tl.constexpr = K // 2
-    c_block, w_block, rest = split_row_tile(tl.program_id(0), C, W, BLOCK_C, TILE_W)
-    num_h = tl.cdiv(H, ROWS)
-    h_block = rest % num_h
-    batch = (rest // num_h).to(tl.int64)
-
-    if SIGMA_FROM_PTR:
-        sigma = tl.load(sigma_ptr).to(tl.float32)
-    else:
-        sigma = sigma_value + tl.zeros([], dtype=tl.float32)
-    inv_sigma = 1.0 / sigma
-    taps = tl.arange(0, K_PAD)
-    inv_norm = 1.0 / tl.sum(tl.where(taps < K, _tap_weight(taps - R, inv_sigma), 0.0), axis=0)
+    c_block, w_block, h_block, batch = _strip(tl.program_id(0), C, H, W, ROWS, BLOCK_C, TILE_W)
+    inv_sigma, inv_norm = _gaussian(sigma_ptr, sigma_value, K, K_PAD, SIGMA_FROM_PTR)
     weights = ()
     for i in tl.static_range(K):
         weights = weights + (_tap_weight(i - R, inv_sigma) * inv_norm,)

@@ -119,11 +119,10 @@ def _merge_lanes(count, mean, m2, axis: tl.constexpr):
     # Merge per-lane statistics along ``axis`` (None: all lanes), exact parallel formula, in
     # Triton's fixed reduction order: (count, mean, M2).
     total = tl.sum(count, axis=axis)
+    merged_mean = tl.sum(count * mean, axis=axis) / tl.maximum(total, 1.0)
     if axis is None:
-        merged_mean = tl.sum(count * mean, axis=axis) / tl.maximum(total, 1.0)
         spread = mean - merged_mean
     else:
-        merged_mean = tl.sum(count * mean, axis=axis) / tl.maximum(total, 1.0)
         spread = mean - tl.expand_dims(merged_mean, axis)
     # Lanes without values have mean = pivot and count 0: they add nothing.
     merged_m2 = tl.sum(m2 + count * spread * spread, axis=axis)
@@ -191,6 +190,20 @@ def _write_normalized(x_ptr, out_ptr, batch, first_tile, last_tile, group_cb, ki
 
 
 @triton.jit
+def _program_group(pid, x_ptr, NUM_CB, NUM_CHUNKS, C, SH, SW, stride_xb, stride_xc, stride_xh,
+                   stride_xw, PER_CHANNEL: tl.constexpr, BLOCK_C: tl.constexpr):
+    # What a program of either pass works on: image, sub-lattice (k, and its row/column offsets),
+    # channel block of the group, chunk, the image's offset and the group's pivot [BLOCK_C].
+    batch, k, group_cb, chunk = _decompose(pid, NUM_CB, NUM_CHUNKS, SH * SW)
+    ki = k // SW
+    kj = k % SW
+    batch_offset = batch.to(tl.int64) * stride_xb
+    pivot = _pivot(x_ptr, batch_offset, ki, kj, group_cb, stride_xc, stride_xh, stride_xw,
+                   PER_CHANNEL, BLOCK_C, C)
+    return batch, k, group_cb, chunk, ki, kj, batch_offset, pivot
+
+
+@triton.jit
 def _lattice_partial_stats_kernel(
     x_ptr, partial_ptr,
     C, WS, SH, SW, NUM_WB, NUM_CB, NUM_CB_LOOP, NUM_CHUNKS, TILES, TILES_PER_CHUNK,
@@ -201,13 +214,9 @@ def _lattice_partial_stats_kernel(
 ):
     # grid: B * K * NUM_CB * NUM_CHUNKS. partial[group, chunk, 0:3] = (count, mean - pivot, M2)
     # where group = b * K + k, or (b * K + k) * C + c per channel.
-    pid = tl.program_id(0)
-    batch, k, group_cb, chunk = _decompose(pid, NUM_CB, NUM_CHUNKS, SH * SW)
-    ki = k // SW
-    kj = k % SW
-    batch_offset = batch.to(tl.int64) * stride_xb
-    pivot = _pivot(x_ptr, batch_offset, ki, kj, group_cb, stride_xc, stride_xh, stride_xw,
-                   PER_CHANNEL, BLOCK_C, C)
+    batch, k, group_cb, chunk, ki, kj, batch_offset, pivot = _program_group(
+        tl.program_id(0), x_ptr, NUM_CB, NUM_CHUNKS, C, SH, SW, stride_xb, stride_xc, stride_xh,
+        stride_xw, PER_CHANNEL, BLOCK_C)
     first_tile = chunk * TILES_PER_CHUNK
     last_tile = tl.minimum(first_tile + TILES_PER_CHUNK, TILES)
     count, mean, m2 = _lane_statistics(x_ptr, batch_offset, pivot, first_tile, last_tile,
@@ -247,13 +256,9 @@ def _lattice_normalize_kernel(
 ):
     # grid: B * K * NUM_CB * NUM_CHUNKS, the same chunks as the statistics pass but in reverse
     # order: the tiles the statistics pass read last (still in L2) are normalised first.
-    pid = tl.num_programs(0) - 1 - tl.program_id(0)
-    batch, k, group_cb, chunk = _decompose(pid, NUM_CB, NUM_CHUNKS, SH * SW)
-    ki = k // SW
-    kj = k % SW
-    batch_offset = batch.to(tl.int64) * stride_xb
-    pivot = _pivot(x_ptr, batch_offset, ki, kj, group_cb, stride_xc, stride_xh, stride_xw,
-                   PER_CHANNEL, BLOCK_C, C)
+    batch, k, group_cb, chunk, ki, kj, batch_offset, pivot = _program_group(
+        tl.num_programs(0) - 1 - tl.program_id(0), x_ptr, NUM_CB, NUM_CHUNKS, C, SH, SW,
+        stride_xb, stride_xc, stride_xh, stride_xw, PER_CHANNEL, BLOCK_C)
 
     # Combine the group's partials, CHUNK_BLOCK chunks at a time: [BLOCK_C, CHUNK_BLOCK] per
     # channel, [1, CHUNK_BLOCK] otherwise (exact parallel formula in a block, Chan merge across).
