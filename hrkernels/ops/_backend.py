@@ -52,7 +52,12 @@ def requested_backend() -> str:
     override = _override.get()
     if override is not None:
         return override
-    return _check_name(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+    return _parse_env(os.environ.get(ENV_VAR, "auto"))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_env(value: str) -> str:
+    return _check_name(value.strip().lower() or "auto", ENV_VAR)
 
 
 @contextlib.contextmanager
@@ -122,6 +127,8 @@ def select_backend(op: str, device: torch.device) -> str:
         BackendUnavailableError: a forced backend cannot run on this device or installation.
     """
     requested = requested_backend()
+    if requested == "auto" and device.type == "cuda" and triton_import_error() is None:
+        return "triton"  # the common case, decided without the checks below
     if requested == "torch":
         return "torch"
     if requested == "cuda":
@@ -163,13 +170,17 @@ def _plain_eager(args: tuple) -> bool:
     tracing, no dispatch or function mode (fake tensors, export, profilers of modes), only plain
     tensors (no subclass), and no autograd recording (the ops have no autograd formula: through the
     operator such a call is handled by PyTorch's autograd fallback)."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
-        return False
-    if torch._C._is_torch_function_mode_enabled():
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._is_torch_function_mode_enabled()):
         return False
     recording = torch.is_grad_enabled()
-    return all(type(arg) is torch.Tensor and not (recording and arg.requires_grad)
-               for arg in args if isinstance(arg, torch.Tensor))
+    for arg in args:
+        if type(arg) is torch.Tensor:
+            if recording and arg.requires_grad:
+                return False
+        elif isinstance(arg, torch.Tensor):  # a subclass
+            return False
+    return True
 
 
 class RegisteredOp:

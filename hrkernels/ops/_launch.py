@@ -10,6 +10,7 @@ arguments equal to 1, so the unit stride is known to the compiler and its loads 
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -64,11 +65,15 @@ def channels_contiguous(*tensors: torch.Tensor) -> bool:
 def image_offsets_fit_int32(*tensors: torch.Tensor) -> bool:
     """True when, in each ``[B, ...]`` tensor, every element of one image is at an int32 offset from
     the image's start (kernels that compute only the batch and row terms in int64 need this)."""
-    return all(
-        sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:],
-                                                              strict=True)) < 2**31
-        for t in tensors
-    )
+    for t in tensors:
+        if t.numel() < 2**31 and (t.is_contiguous()
+                                  or t.is_contiguous(memory_format=torch.channels_last)):
+            continue  # dense: every offset is below numel
+        span = sum((size - 1) * abs(stride)
+                   for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True))
+        if span >= 2**31:
+            return False
+    return True
 
 
 @functools.cache
@@ -96,3 +101,139 @@ def empty_output(
     if POISON_OUTPUTS:
         out.fill_(float("nan"))
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Direct launches of compiled kernels
+# --------------------------------------------------------------------------------------------------
+
+
+# Keys a Launcher keeps before it starts over (they hold exact sizes: one per shape seen).
+MAX_KERNELS = 4096
+
+
+def _specialization(arg: object) -> object:
+    """What Triton may specialise a kernel on for one runtime argument, as a hashable key, finer
+    than Triton's own where that is cheaper: an int's exact value (Triton looks at ``== 1``,
+    ``% 16 == 0`` and its width), a tensor's dtype and 16-byte alignment, otherwise the type
+    (floats are not specialised; ``None`` becomes a constexpr)."""
+    kind = type(arg)
+    if kind is int:
+        return arg
+    if kind is torch.Tensor:
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if kind is bool:  # True == 1 as a dict key: keep bools apart from ints
+        return bool, arg
+    return kind
+
+
+@functools.cache
+def _triton_version() -> tuple[int, int]:
+    import triton
+
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def _launch_hooks() -> tuple[object, object]:
+    """Triton's launch enter/exit hooks (where profilers such as proton attach)."""
+    import triton
+
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:  # triton >= 3.4
+        return knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    from triton.compiler import CompiledKernel
+
+    return CompiledKernel.launch_enter_hook, CompiledKernel.launch_exit_hook
+
+
+def _hooks_installed() -> bool:
+    # A hook is a callable, None, or (triton >= 3.6) a HookChain whose ``calls`` may be empty.
+    return any(hook is not None and getattr(hook, "calls", True) for hook in _launch_hooks())
+
+
+class Launcher:
+    """``launcher(fn)[grid](*args, **constexprs)``: ``fn[grid](...)``, with a repeated launch's
+    host work cut to a dictionary lookup and the compiled kernel's own C launcher.
+
+    ``fn[grid](...)`` binds, specialises and hashes every argument in Python on each call: 17-23 us
+    per launch on the lent H100's host, more than the kernels of a latent-sized op take. This
+    launcher keys the compiled kernel on everything Triton specialises on (:func:`_specialization`
+    of each runtime argument, the keyword arguments: constexprs and launch options such as
+    ``num_warps``, and the current device); the first launch of a key goes through ``fn[grid]``
+    and keeps the kernel it compiled, later ones call that kernel's launcher with the arguments
+    Triton's own launch passes, on the current stream (5-6 us on that host).
+
+    Calls go through ``fn[grid]`` every time under Triton's interpreter and while launch hooks are
+    installed (profilers need them called). Triton's check that a kernel's global variables have
+    not changed since it was compiled is not repeated: kernels here read no mutable globals.
+
+    Calling convention, checked on every path (the interpreter's too): runtime parameters
+    positionally, in signature order; constexpr parameters and launch options by keyword.
+    ``grid`` is a tuple of 1 to 3 ints.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.direct = not interpreter_enabled()
+        self.kernels: dict[tuple, tuple] = {}  # key -> (compiled kernel, trailing arguments)
+        self.checked: set[tuple] = set()  # calling conventions already checked (interpreter)
+
+    def __getitem__(self, grid: tuple[int, ...]):
+        if self.direct:
+            return lambda *args, **kwargs: self._launch(grid, args, kwargs)
+        return lambda *args, **kwargs: self._interpret(grid, args, kwargs)
+
+    def _launch(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
+        device = torch._C._cuda_getDevice()  # torch.cuda.current_device() without its Python layer
+        key = (device, tuple(kwargs), *kwargs.values(),
+               *[arg if type(arg) is int else _specialization(arg) for arg in args])
+        entry = self.kernels.get(key)
+        if entry is None or _hooks_installed():
+            trailing = self._trailing_arguments(len(args), kwargs)
+            kernel = self.fn[grid](*args, **kwargs)
+            if entry is None:
+                if len(self.kernels) >= MAX_KERNELS:
+                    self.kernels.clear()  # many shapes: forget (the compiled kernels stay cached)
+                self.kernels[key] = (kernel, trailing)
+            return
+        kernel, trailing = entry
+        size = len(grid)
+        kernel.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1,
+                   torch._C._cuda_getCurrentRawStream(device), kernel.function,
+                   kernel.packed_metadata, None, None, None, *args, *trailing)
+
+    def _interpret(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
+        convention = (len(args), *kwargs)
+        if convention not in self.checked:
+            self._trailing_arguments(len(args), kwargs)
+            self.checked.add(convention)
+        self.fn[grid](*args, **kwargs)
+
+    def _trailing_arguments(self, positional: int, kwargs: dict) -> tuple:
+        """The arguments a compiled kernel's launcher takes after the positional ones: the
+        constexprs in signature order from Triton 3.3 on, none before (it took runtime ones
+        only). Raises TypeError where a call breaks the calling convention."""
+        name = self.fn.__name__
+        params = list(inspect.signature(self.fn.fn).parameters.values())
+        constexpr = ["constexpr" in str(param.annotation) for param in params]
+        if positional > len(params) or any(constexpr[:positional]):
+            raise TypeError(f"{name}: pass exactly the runtime parameters positionally; got "
+                            f"{positional} positional arguments")
+        trailing = []
+        for param, is_constexpr in zip(params[positional:], constexpr[positional:], strict=True):
+            if not is_constexpr:
+                raise TypeError(f"{name}: pass runtime parameter {param.name!r} positionally")
+            if param.name in kwargs:
+                trailing.append(kwargs[param.name])
+            elif param.default is not inspect.Parameter.empty:
+                trailing.append(param.default)
+            else:
+                raise TypeError(f"{name}: missing constexpr {param.name!r}")
+        return tuple(trailing) if _triton_version() >= (3, 3) else ()
+
+
+@functools.cache
+def launcher(fn) -> Launcher:
+    """The :class:`Launcher` of one ``@triton.jit`` kernel (one per kernel, for the process)."""
+    return Launcher(fn)

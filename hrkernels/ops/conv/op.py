@@ -22,6 +22,7 @@ from hrkernels.ops._launch import (
     RowTile,
     channels_contiguous,
     empty_output,
+    launcher,
     next_power_of_2,
     row_tile,
 )
@@ -86,7 +87,7 @@ def _fractional_triton(x, weight, bias, dilation, stride, memory_format):
     w_cat = torch.empty((kernel_size * channels_in, kernel_size * channels_out), dtype=x.dtype,
                         device=x.device)
     block = 16 if interpreter_enabled() else 32
-    _gemm_weight_kernel[(-(-channels_in // block) * -(-channels_out // block),)](
+    launcher(_gemm_weight_kernel)[(-(-channels_in // block) * -(-channels_out // block),)](
         weight, w_cat, channels_out, channels_in, *weight.stride(),
         KERNEL=kernel_size, BLOCK_I=block, BLOCK_O=block, num_warps=4,
     )
@@ -103,7 +104,7 @@ def _fractional_triton(x, weight, bias, dilation, stride, memory_format):
         blended = torch.empty((count, width, kernel_size, channels_in), dtype=x.dtype,
                               device=x.device)
         blocks_w, blocks_c = before.blocks(width, channels_in)
-        _row_blend_kernel[(count * blocks_w * blocks_c,)](
+        launcher(_row_blend_kernel)[(count * blocks_w * blocks_c,)](
             x, blended, row_first, row_weight,
             channels_in, height, width, height_out, first_row, *x.stride(),
             KERNEL=kernel_size, TAPS=taps, BLOCK_W=before.block_w, BLOCK_C=before.block_c,
@@ -114,7 +115,7 @@ def _fractional_triton(x, weight, bias, dilation, stride, memory_format):
         gemm = torch.matmul(blended.view(count * width, kernel_size * channels_in), w_cat)
         del blended
         blocks_w, blocks_c = after.blocks(width_out, channels_out)
-        _col_blend_kernel[(count * blocks_w * blocks_c,)](
+        launcher(_col_blend_kernel)[(count * blocks_w * blocks_c,)](
             gemm, bias if bias is not None else gemm, out, col_first, col_weight,
             channels_out, width, height_out, width_out, first_row, *out.stride(),
             KERNEL=kernel_size, TAPS=taps, HAS_BIAS=bias is not None,

@@ -15,7 +15,7 @@ from hrkernels.ops._checks import (
     check_starts,
     output_memory_format,
 )
-from hrkernels.ops._launch import channels_contiguous, empty_output, row_tile
+from hrkernels.ops._launch import channels_contiguous, empty_output, launcher, row_tile
 from hrkernels.ops.views import reference
 
 IntPair = int | Sequence[int]
@@ -122,7 +122,7 @@ def _gather_windows_triton(x, starts, window_h, window_w, memory_format):
     tile = row_tile(channels, window_w, channels_contiguous(x, out))
     blocks_w, blocks_c = tile.blocks(window_w, channels)
     grid = (batch * count * window_h * blocks_w * blocks_c,)
-    _gather_windows_kernel[grid](
+    launcher(_gather_windows_kernel)[grid](
         x, starts, out, count, batch, channels, height, width, window_h, window_w,
         *x.stride(), *out.stride(), *starts.stride(),
         BLOCK_W=tile.block_w, BLOCK_C=tile.block_c, num_warps=tile.num_warps,
@@ -211,7 +211,7 @@ def _scatter_windows_mean_triton(views, starts, height, width, weights, memory_f
     block_h = 1 if interpreter_enabled() else 4  # 4 rows amortise the loop over the views
     blocks_w, blocks_c = tile.blocks(width, channels)
     grid = (batch * -(-height // block_h) * blocks_w * blocks_c,)
-    _scatter_windows_mean_kernel[grid](
+    launcher(_scatter_windows_mean_kernel)[grid](
         views, starts, views if weights is None else weights, out,
         count, batch, channels, height, width, window_h, window_w,
         *views.stride(), *out.stride(), *starts.stride(),
@@ -306,7 +306,7 @@ def _dilated_copy_triton(full, views, factor, to_views):
     tile = row_tile(channels, view_w, channels_contiguous(full, views))
     blocks_w, blocks_c = tile.blocks(view_w, channels)
     grid = (batch * view_h * sh * sw * blocks_w * blocks_c,)
-    _dilated_copy_kernel[grid](
+    launcher(_dilated_copy_kernel)[grid](
         full, views, batch, channels, view_h, view_w, sh, sw,
         *full.stride(), *views.stride(), TO_VIEWS=to_views,
         BLOCK_W=tile.block_w, BLOCK_C=tile.block_c, num_warps=tile.num_warps,
