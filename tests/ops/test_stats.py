@@ -87,6 +87,22 @@ def test_match_stats_reaches_the_targets(device, factor, per_channel):
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize(
+    "shape, factor, layout",
+    [((1, 3, 5, 300), (1, 1), "contiguous"),  # two column blocks (256 + 44) per row
+     ((1, 160, 5, 3), (1, 1), "channels_last"),  # two channel blocks (128 + 32)
+     ((2, 160, 6, 4), (2, 2), "channels_last")],
+)
+def test_sub_lattices_of_several_blocks(device, shape, factor, layout, per_channel):
+    """Rows wider than one tile: every program walks several column or channel blocks."""
+    x = random_map(shape, torch.float32, device, layout)
+    batch, channels = shape[:2]
+    mean = torch.randn(batch, channels, device=device) if per_channel else 0.3
+    out = match_stats(x, mean, 1.2, factor, per_channel)
+    assert_close(out, expected(x, mean, 1.2, factor, per_channel), scale=2)
+
+
 @pytest.mark.parametrize(
     "shape, factor, per_channel",
     [((2, 3, 2, 2), (2, 2), True), ((1, 1, 2, 4), (2, 4), False), ((2, 1, 3, 3), (3, 3), False)],

@@ -16,7 +16,10 @@ merged once at the end, and chunks across programs, with Chan's parallel formula
 sub-lattice has exactly M2 = 0 (and becomes the constant target mean).
 
 A tile is ``[BLOCK_W, BLOCK_C]`` (sub-lattice columns x channels) of one sub-lattice row, the
-contiguous axis wide (``_launch.row_tile``). All sizes and strides are runtime arguments.
+contiguous axis wide (``_launch.row_tile``). A chunk is a range of sub-lattice rows; a program
+walks its chunk block by block (a block: one column block and channel block), UNROLL rows at a
+time, so a tile's address is the block's offsets plus a row term (no index arithmetic per tile)
+and its mask is the block's (none when ``EVEN``). All sizes and strides are runtime arguments.
 """
 
 import triton
@@ -37,27 +40,29 @@ def _decompose(pid, NUM_CB, NUM_CHUNKS, K):
 
 
 @triton.jit
-def _tile_offsets(
-    tile, group_cb, ki, kj, NUM_WB, NUM_CB_LOOP, C, WS, SH, SW,
-    stride_xc, stride_xh, stride_xw, PER_CHANNEL: tl.constexpr,
-    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    # Offsets (without the batch term) and mask of one tile of the sub-lattice (ki, kj):
-    # tile index = (i * NUM_CB_LOOP + channel block) * NUM_WB + column block.
-    w_block = tile % NUM_WB
-    rest = tile // NUM_WB
-    if PER_CHANNEL:
-        c_block = group_cb
-        i = rest
-    else:
-        c_block = rest % NUM_CB_LOOP
-        i = rest // NUM_CB_LOOP
-    js = w_block * BLOCK_W + tl.arange(0, BLOCK_W)  # [BLOCK_W] sub-lattice columns
-    cs = c_block * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
-    offsets = ((i * SH + ki).to(tl.int64) * stride_xh + (js * SW + kj)[:, None] * stride_xw
-               + cs[None, :] * stride_xc)
+def _block_offsets(c_block, w_block, kj, C, WS, SW, stride_c, stride_w,
+                   BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Offsets inside a sub-lattice row (add the row's) and mask of the block's [BLOCK_W, BLOCK_C]
+    # tile: sub-lattice columns js of lattice column kj, channels cs.
+    js = w_block * BLOCK_W + tl.arange(0, BLOCK_W)
+    cs = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    offsets = (js * SW + kj)[:, None] * stride_w + cs[None, :] * stride_c
     mask = (js < WS)[:, None] & (cs < C)[None, :]
     return offsets, mask
+
+
+@triton.jit
+def _row_start(image_ptr, row, SH, ki, stride_h):
+    # Pointer to sub-lattice row ``row`` (full-resolution row row * SH + ki) of one image.
+    return image_ptr + (row * SH + ki).to(tl.int64) * stride_h
+
+
+@triton.jit
+def _load_tile(image_ptr, row, SH, ki, stride_h, offsets, mask, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(_row_start(image_ptr, row, SH, ki, stride_h) + offsets).to(tl.float32)
+    return tl.load(_row_start(image_ptr, row, SH, ki, stride_h) + offsets, mask=mask,
+                   other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -81,33 +86,48 @@ def _chan_merge(count, mean, m2, other_count, other_mean, other_m2):
 
 
 @triton.jit
-def _lane_statistics(x_ptr, batch_offset, pivot, first_tile, last_tile, group_cb, ki, kj,
-                     NUM_WB, NUM_CB_LOOP, C, WS, SH, SW, stride_xc, stride_xh, stride_xw,
-                     PER_CHANNEL: tl.constexpr, UNROLL: tl.constexpr, BLOCK_W: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
-    # Per-lane (count, mean, M2) over tiles [first_tile, last_tile), each [BLOCK_W, BLOCK_C] fp32.
-    # Each lane sums d and d^2 of its values shifted by its own first value (the pivot where the
-    # first tile has no value), so the sums stay near the lane's spread: M2 = Q - S^2 / n has no
-    # cancellation worse than the shift's distance from the mean. The loop body is a load, a
-    # subtraction, an add and an FMA per element; UNROLL tiles are in flight per iteration.
-    offsets, mask = _tile_offsets(first_tile, group_cb, ki, kj, NUM_WB, NUM_CB_LOOP, C, WS, SH, SW,
-                                  stride_xc, stride_xh, stride_xw, PER_CHANNEL, BLOCK_W, BLOCK_C)
-    first = tl.load(x_ptr + batch_offset + offsets, mask=mask, other=0.0).to(tl.float32)
+def _deviation_sums(image_ptr, row, SH, ki, stride_h, offsets, mask, shift, total, squares,
+                    EVEN: tl.constexpr):
+    # Add one row's deviations from ``shift`` (0 where masked) and their squares.
+    deviations = _load_tile(image_ptr, row, SH, ki, stride_h, offsets, mask, EVEN) - shift
+    if not EVEN:
+        deviations = tl.where(mask, deviations, 0.0)
+    return total + deviations, squares + deviations * deviations
+
+
+@triton.jit
+def _lane_statistics(image_ptr, pivot, row_first, row_last, group_cb, ki, kj, NUM_WB,
+                     NUM_CB_LOOP, C, WS, SH, SW, stride_xc, stride_xh, stride_xw,
+                     PER_CHANNEL: tl.constexpr, EVEN: tl.constexpr, UNROLL: tl.constexpr,
+                     BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Per-lane (count, mean, M2), each [BLOCK_W, BLOCK_C] fp32, over sub-lattice rows
+    # [row_first, row_last) of every block of the group. Each lane sums d and d^2 of its values
+    # shifted by its own first value (the pivot where it has none), so the sums stay near the
+    # lane's spread: M2 = Q - S^2 / n has no cancellation worse than the shift's distance from the
+    # mean. The loop body is a load, a subtraction, an add and an FMA per element, UNROLL rows in
+    # flight; a lane's count is the rows times its mask, added per block.
+    first_cb = group_cb if PER_CHANNEL else 0
+    offsets, mask = _block_offsets(first_cb, 0, kj, C, WS, SW, stride_xc, stride_xw, BLOCK_W,
+                                   BLOCK_C)
+    first = _load_tile(image_ptr, row_first, SH, ki, stride_xh, offsets, mask, False)
     shift = tl.where(mask, first, pivot[None, :])
     count = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
     total = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
     squares = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
-    for tile0 in range(first_tile, last_tile, UNROLL):
-        for u in tl.static_range(UNROLL):
-            offsets, mask = _tile_offsets(tile0 + u, group_cb, ki, kj, NUM_WB, NUM_CB_LOOP, C, WS,
-                                          SH, SW, stride_xc, stride_xh, stride_xw, PER_CHANNEL,
-                                          BLOCK_W, BLOCK_C)
-            mask = mask & (tile0 + u + tl.zeros([BLOCK_W, 1], dtype=tl.int32) < last_tile)
-            values = tl.load(x_ptr + batch_offset + offsets, mask=mask, other=0.0)
-            deviations = tl.where(mask, values.to(tl.float32) - shift, 0.0)
-            count += mask.to(tl.float32)
-            total += deviations
-            squares += deviations * deviations
+    rows = row_last - row_first
+    unrolled_last = row_last - rows % UNROLL
+    for block in range(NUM_CB_LOOP * NUM_WB):
+        c_block = group_cb if PER_CHANNEL else block // NUM_WB
+        offsets, mask = _block_offsets(c_block, block % NUM_WB, kj, C, WS, SW, stride_xc,
+                                       stride_xw, BLOCK_W, BLOCK_C)
+        for row0 in range(row_first, unrolled_last, UNROLL):
+            for u in tl.static_range(UNROLL):
+                total, squares = _deviation_sums(image_ptr, row0 + u, SH, ki, stride_xh, offsets,
+                                                 mask, shift, total, squares, EVEN)
+        for row in range(unrolled_last, row_last):
+            total, squares = _deviation_sums(image_ptr, row, SH, ki, stride_xh, offsets, mask,
+                                             shift, total, squares, EVEN)
+        count += tl.where(mask, rows.to(tl.float32), 0.0)
     inverse = 1.0 / tl.maximum(count, 1.0)
     mean = shift + total * inverse
     m2 = tl.maximum(squares - total * total * inverse, 0.0)
@@ -159,34 +179,48 @@ def _scale_and_targets(batch, cs, lanes, sigma, mean_ptr, std_ptr, mean_value, s
 
 
 @triton.jit
-def _write_normalized(x_ptr, out_ptr, batch, first_tile, last_tile, group_cb, ki, kj, mu, scale,
+def _normalize_row(out_image, row, SH, ki, stride_oh, out_offsets, mask, values, mu, scale,
+                   target_mean, spread_ok, EVEN: tl.constexpr):
+    # Store one row: scale * (x - mu) + target_mean (target_mean where the lane has no spread).
+    result = tl.where(spread_ok[None, :],
+                      scale[None, :] * (values - mu[None, :]) + target_mean[None, :],
+                      target_mean[None, :])
+    result = result.to(out_image.dtype.element_ty)
+    if EVEN:
+        tl.store(_row_start(out_image, row, SH, ki, stride_oh) + out_offsets, result)
+    else:
+        tl.store(_row_start(out_image, row, SH, ki, stride_oh) + out_offsets, result, mask=mask)
+
+
+@triton.jit
+def _write_normalized(x_image, out_image, row_first, row_last, group_cb, ki, kj, mu, scale,
                       target_mean, spread_ok, NUM_WB, NUM_CB_LOOP, C, WS, SH, SW,
-                      stride_xb, stride_xc, stride_xh, stride_xw,
-                      stride_ob, stride_oc, stride_oh, stride_ow,
-                      PER_CHANNEL: tl.constexpr, UNROLL: tl.constexpr, BLOCK_W: tl.constexpr,
-                      BLOCK_C: tl.constexpr):
-    # out = scale * (x - mu) + target_mean over tiles [first_tile, last_tile) (target_mean where
-    # the lane has no spread); mu, scale, target_mean, spread_ok are [BLOCK_C] lanes. UNROLL tiles
-    # are loaded before the first of their stores.
-    x_image = x_ptr + batch.to(tl.int64) * stride_xb
-    out_image = out_ptr + batch.to(tl.int64) * stride_ob
-    for tile0 in range(first_tile, last_tile, UNROLL):
-        tiles = ()
-        for u in tl.static_range(UNROLL):
-            offsets, mask = _tile_offsets(tile0 + u, group_cb, ki, kj, NUM_WB, NUM_CB_LOOP, C, WS,
-                                          SH, SW, stride_xc, stride_xh, stride_xw, PER_CHANNEL,
-                                          BLOCK_W, BLOCK_C)
-            mask = mask & (tile0 + u + tl.zeros([BLOCK_W, 1], dtype=tl.int32) < last_tile)
-            tiles = tiles + (tl.load(x_image + offsets, mask=mask, other=0.0).to(tl.float32),)
-        for u in tl.static_range(UNROLL):
-            out_offsets, mask = _tile_offsets(tile0 + u, group_cb, ki, kj, NUM_WB, NUM_CB_LOOP, C,
-                                              WS, SH, SW, stride_oc, stride_oh, stride_ow,
-                                              PER_CHANNEL, BLOCK_W, BLOCK_C)
-            mask = mask & (tile0 + u + tl.zeros([BLOCK_W, 1], dtype=tl.int32) < last_tile)
-            result = tl.where(spread_ok[None, :],
-                              scale[None, :] * (tiles[u] - mu[None, :]) + target_mean[None, :],
-                              target_mean[None, :])
-            tl.store(out_image + out_offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
+                      stride_xc, stride_xh, stride_xw, stride_oc, stride_oh, stride_ow,
+                      PER_CHANNEL: tl.constexpr, EVEN: tl.constexpr, UNROLL: tl.constexpr,
+                      BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    # The normalised output of sub-lattice rows [row_first, row_last) of every block of the group;
+    # mu, scale, target_mean, spread_ok are [BLOCK_C] lanes. UNROLL rows are loaded before the
+    # first of their stores.
+    unrolled_last = row_last - (row_last - row_first) % UNROLL
+    for block in range(NUM_CB_LOOP * NUM_WB):
+        c_block = group_cb if PER_CHANNEL else block // NUM_WB
+        w_block = block % NUM_WB
+        offsets, mask = _block_offsets(c_block, w_block, kj, C, WS, SW, stride_xc, stride_xw,
+                                       BLOCK_W, BLOCK_C)
+        out_offsets, mask = _block_offsets(c_block, w_block, kj, C, WS, SW, stride_oc, stride_ow,
+                                           BLOCK_W, BLOCK_C)
+        for row0 in range(row_first, unrolled_last, UNROLL):
+            tiles = ()
+            for u in tl.static_range(UNROLL):
+                tiles = tiles + (_load_tile(x_image, row0 + u, SH, ki, stride_xh, offsets, mask,
+                                            EVEN),)
+            for u in tl.static_range(UNROLL):
+                _normalize_row(out_image, row0 + u, SH, ki, stride_oh, out_offsets, mask,
+                               tiles[u], mu, scale, target_mean, spread_ok, EVEN)
+        for row in range(unrolled_last, row_last):
+            values = _load_tile(x_image, row, SH, ki, stride_xh, offsets, mask, EVEN)
+            _normalize_row(out_image, row, SH, ki, stride_oh, out_offsets, mask, values, mu,
+                           scale, target_mean, spread_ok, EVEN)
 
 
 @triton.jit
@@ -206,10 +240,10 @@ def _program_group(pid, x_ptr, NUM_CB, NUM_CHUNKS, C, SH, SW, stride_xb, stride_
 @triton.jit
 def _lattice_partial_stats_kernel(
     x_ptr, partial_ptr,
-    C, WS, SH, SW, NUM_WB, NUM_CB, NUM_CB_LOOP, NUM_CHUNKS, TILES, TILES_PER_CHUNK,
+    C, WS, SH, SW, NUM_WB, NUM_CB, NUM_CB_LOOP, NUM_CHUNKS, HS, ROWS_PER_CHUNK,
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_pg, stride_pp,
-    PER_CHANNEL: tl.constexpr, UNROLL: tl.constexpr, BLOCK_W: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, EVEN: tl.constexpr, UNROLL: tl.constexpr, BLOCK_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     # grid: B * K * NUM_CB * NUM_CHUNKS. partial[group, chunk, 0:3] = (count, mean - pivot, M2)
@@ -217,11 +251,11 @@ def _lattice_partial_stats_kernel(
     batch, k, group_cb, chunk, ki, kj, batch_offset, pivot = _program_group(
         tl.program_id(0), x_ptr, NUM_CB, NUM_CHUNKS, C, SH, SW, stride_xb, stride_xc, stride_xh,
         stride_xw, PER_CHANNEL, BLOCK_C)
-    first_tile = chunk * TILES_PER_CHUNK
-    last_tile = tl.minimum(first_tile + TILES_PER_CHUNK, TILES)
-    count, mean, m2 = _lane_statistics(x_ptr, batch_offset, pivot, first_tile, last_tile,
+    row_first = chunk * ROWS_PER_CHUNK
+    row_last = tl.minimum(row_first + ROWS_PER_CHUNK, HS)
+    count, mean, m2 = _lane_statistics(x_ptr + batch_offset, pivot, row_first, row_last,
                                        group_cb, ki, kj, NUM_WB, NUM_CB_LOOP, C, WS, SH, SW,
-                                       stride_xc, stride_xh, stride_xw, PER_CHANNEL, UNROLL,
+                                       stride_xc, stride_xh, stride_xw, PER_CHANNEL, EVEN, UNROLL,
                                        BLOCK_W, BLOCK_C)
     mean -= pivot[None, :]  # partials are stored relative to the pivot (every program has it)
     lanes = tl.arange(0, BLOCK_C)
@@ -245,14 +279,14 @@ def _lattice_partial_stats_kernel(
 @triton.jit
 def _lattice_normalize_kernel(
     x_ptr, partial_ptr, out_ptr, mean_ptr, std_ptr, mean_value, std_value,
-    C, WS, SH, SW, NUM_WB, NUM_CB, NUM_CB_LOOP, NUM_CHUNKS, TILES, TILES_PER_CHUNK, GROUP_SIZE,
+    C, WS, SH, SW, NUM_WB, NUM_CB, NUM_CB_LOOP, NUM_CHUNKS, HS, ROWS_PER_CHUNK, GROUP_SIZE,
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_ob, stride_oc, stride_oh, stride_ow,
     stride_pg, stride_pp,
     stride_mb, stride_mc, stride_sb, stride_sc,
     PER_CHANNEL: tl.constexpr, MEAN_FROM_PTR: tl.constexpr, STD_FROM_PTR: tl.constexpr,
-    CHUNK_BLOCK: tl.constexpr, UNROLL: tl.constexpr, BLOCK_W: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    CHUNK_BLOCK: tl.constexpr, EVEN: tl.constexpr, UNROLL: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # grid: B * K * NUM_CB * NUM_CHUNKS, the same chunks as the statistics pass but in reverse
     # order: the tiles the statistics pass read last (still in L2) are normalised first.
@@ -290,11 +324,10 @@ def _lattice_normalize_kernel(
         batch, cs, lanes, sigma, mean_ptr, std_ptr, mean_value, std_value, C,
         stride_mb, stride_mc, stride_sb, stride_sc, PER_CHANNEL, MEAN_FROM_PTR, STD_FROM_PTR,
         BLOCK_C)
-    first_tile = chunk * TILES_PER_CHUNK
-    last_tile = tl.minimum(first_tile + TILES_PER_CHUNK, TILES)
-    _write_normalized(x_ptr, out_ptr, batch, first_tile, last_tile, group_cb, ki, kj,
-                      mu + tl.zeros([BLOCK_C], dtype=tl.float32), scale, target_mean, spread_ok,
-                      NUM_WB, NUM_CB_LOOP, C, WS, SH, SW,
-                      stride_xb, stride_xc, stride_xh, stride_xw,
-                      stride_ob, stride_oc, stride_oh, stride_ow,
-                      PER_CHANNEL, UNROLL, BLOCK_W, BLOCK_C)
+    row_first = chunk * ROWS_PER_CHUNK
+    row_last = tl.minimum(row_first + ROWS_PER_CHUNK, HS)
+    _write_normalized(x_ptr + batch_offset, out_ptr + batch.to(tl.int64) * stride_ob, row_first,
+                      row_last, group_cb, ki, kj, mu + tl.zeros([BLOCK_C], dtype=tl.float32),
+                      scale, target_mean, spread_ok, NUM_WB, NUM_CB_LOOP, C, WS, SH, SW,
+                      stride_xc, stride_xh, stride_xw, stride_oc, stride_oh, stride_ow,
+                      PER_CHANNEL, EVEN, UNROLL, BLOCK_W, BLOCK_C)

@@ -18,6 +18,7 @@ from hrkernels.ops._launch import (
     channels_contiguous,
     empty_output,
     image_offsets_fit_int32,
+    launcher,
     multiprocessor_count,
     row_tile,
 )
@@ -25,8 +26,10 @@ from hrkernels.ops.stats import reference
 
 Target = float | torch.Tensor
 
-# The normalisation pass combines at most this many partials per group (a constexpr: one compile).
-MAX_CHUNKS = 64
+# Chunks (programs) per group at most, and how many partials the normalisation pass combines at a
+# time (a constexpr: one compile).
+MAX_CHUNKS = 256
+CHUNK_BLOCK = 64
 # Elements of a tile: 16 per thread of 4 warps; the statistics pass keeps 4 fp32 per element
 # (shift, count, sums) in registers.
 TILE_ELEMENTS = 2048
@@ -36,20 +39,10 @@ def _check_target(value: Target, name: str, x: torch.Tensor,
                   per_channel: bool) -> tuple[float, torch.Tensor | None]:
     """``(value, None)`` for a number; ``(0.0, view)`` for a tensor, broadcast (without a copy) to
     ``[B]`` or ``[B, C]`` and left on the device."""
-    batch, channels = x.shape[:2]
-    shape = (batch, channels) if per_channel else (batch,)
     if isinstance(value, torch.Tensor):
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a float or a floating-point tensor; got {value.dtype}")
-        if value.device != x.device:
-            raise ValueError(f"{name} is on {value.device} but x is on {x.device}")
-        try:
-            return 0.0, torch.broadcast_to(value, shape)
-        except RuntimeError:
-            wanted = "[B, C] (per-image targets are [B, 1])" if per_channel else "[B]"
-            raise ValueError(f"{name} must be broadcastable to {wanted} = {list(shape)}; got shape "
-                             f"{tuple(value.shape)}") from None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return 0.0, _target_view(value, name, x, per_channel)
+    if type(value) not in (float, int) and (isinstance(value, bool)
+                                            or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a float or a tensor; got {type(value).__name__}")
     number = float(value)
     if not math.isfinite(number):
@@ -59,20 +52,40 @@ def _check_target(value: Target, name: str, x: torch.Tensor,
     return number, None
 
 
+def _target_view(value: torch.Tensor, name: str, x: torch.Tensor,
+                 per_channel: bool) -> torch.Tensor:
+    batch, channels = x.shape[:2]
+    shape = (batch, channels) if per_channel else (batch,)
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a float or a floating-point tensor; got {value.dtype}")
+    if value.device != x.device:
+        raise ValueError(f"{name} is on {value.device} but x is on {x.device}")
+    try:
+        return torch.broadcast_to(value, shape)
+    except RuntimeError:
+        wanted = "[B, C] (per-image targets are [B, 1])" if per_channel else "[B]"
+        raise ValueError(f"{name} must be broadcastable to {wanted} = {list(shape)}; got shape "
+                         f"{tuple(value.shape)}") from None
+
+
 # --------------------------------------------------------------------------------------------------
 # Triton launcher
 # --------------------------------------------------------------------------------------------------
 
 
 def _chunk_block(per_channel: bool, block_c: int) -> int:
-    """Partials the normalisation pass combines at a time: all of them for per-image groups, about
-    2048 values (``BLOCK_C`` channels x chunks) per step per channel, to stay in registers. Under
-    the interpreter 2, so that the tiny test maps also go through the merge across steps."""
+    """Partials the normalisation pass combines at a time: ``CHUNK_BLOCK`` for per-image groups,
+    about 2048 values (``BLOCK_C`` channels x chunks) per step per channel, to stay in registers.
+    Under the interpreter 2, so that the tiny test maps also go through the merge across steps."""
     if interpreter_enabled():
         return 2
     if not per_channel:
-        return MAX_CHUNKS
-    return max(1, min(MAX_CHUNKS, 2048 // block_c))
+        return CHUNK_BLOCK
+    return max(1, min(CHUNK_BLOCK, 2048 // block_c))
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 @dataclass(frozen=True)
@@ -82,21 +95,31 @@ class _Plan:
     block_w: int
     block_c: int
     num_warps: int
-    sizes: tuple[int, ...]  # C, WS, SH, SW, NUM_WB, NUM_CB, NUM_CB_LOOP, NUM_CHUNKS, TILES, TPC
+    sizes: tuple[int, ...]  # C, WS, SH, SW, NUM_WB, NUM_CB, NUM_CB_LOOP, NUM_CHUNKS, HS, RPC
+    even: bool  # tiles cover the sub-lattice columns and channels exactly: no masks
     groups: int
     chunks: int
     group_size: int
     chunk_block: int
     grid: tuple[int]
-    unroll_stats: int  # tiles loaded per loop iteration of the statistics pass ...
+    unroll_stats: int  # rows loaded per loop iteration of the statistics pass ...
     unroll_normalize: int  # ... and of the normalisation pass
 
 
 @functools.lru_cache(maxsize=256)
 def _plan(shape: tuple[int, ...], channels_last_tiles: bool, sh: int, sw: int, per_channel: bool,
-          device: torch.device) -> _Plan:
+          device: torch.device, programs_per_sm: int | None = None, unroll_stats: int | None = None,
+          unroll_normalize: int = 4) -> _Plan:
     """The launch plan (cached: the op is launch-bound at latent sizes, so a repeated call only
-    allocates and launches)."""
+    allocates and launches). Knobs (``bench/tune_stats.py`` sweeps them): programs per SM the
+    chunks aim for, rows per loop iteration of each pass (2 under the interpreter). Tuned on the
+    H100: 4 programs per SM and 4 rows for whole-row groups (``factor = (1, 1)``); 8 and 8 for
+    dilated sub-lattices, whose loads use a fraction of each sector (more of them in flight)."""
+    dilated = sh > 1 or sw > 1
+    programs_per_sm = programs_per_sm or (8 if dilated else 4)
+    unroll_stats = unroll_stats or (8 if dilated else 4)
+    if interpreter_enabled():
+        unroll_stats = unroll_normalize = 2
     batch, channels, height, width = shape
     lattice_h, lattice_w = height // sh, width // sw
     tile = row_tile(channels, lattice_w, channels_last_tiles, TILE_ELEMENTS)
@@ -106,54 +129,63 @@ def _plan(shape: tuple[int, ...], channels_last_tiles: bool, sh: int, sw: int, p
     tiles = lattice_h * loop_blocks_c * blocks_w  # tiles per (image, sub-lattice, group block)
     units = batch * sh * sw * group_blocks_c
 
-    # Chunks per group: enough programs to fill the GPU (4 per SM), at most MAX_CHUNKS. Per channel
-    # every program of the normalisation pass reads [BLOCK_C, chunks] partials, so chunks are also
-    # kept small against the tile data each program moves.
-    target = 8 if interpreter_enabled() else 4 * multiprocessor_count(device)
-    chunks = max(1, min(-(-target // units), MAX_CHUNKS, tiles))
+    # Chunks (ranges of sub-lattice rows) per group: enough programs to fill the GPU, at
+    # most MAX_CHUNKS. Per channel every program of the normalisation pass reads [BLOCK_C, chunks]
+    # partials, so chunks are also kept small against the tile data each program moves.
+    target = 8 if interpreter_enabled() else programs_per_sm * multiprocessor_count(device)
+    chunks = max(1, min(-(-target // units), MAX_CHUNKS, lattice_h))
     if per_channel:
         chunks = max(1, min(chunks, math.isqrt(tiles * tile.block_w // 48)))
-    tiles_per_chunk = -(-tiles // chunks)
-    chunks = -(-tiles // tiles_per_chunk)
+    # Whole loop iterations per chunk (only the last chunk of a group has a remainder).
+    rows_per_chunk = min(lattice_h, _round_up(-(-lattice_h // chunks), unroll_stats))
+    chunks = -(-lattice_h // rows_per_chunk)
     return _Plan(
         block_w=tile.block_w, block_c=tile.block_c, num_warps=tile.num_warps,
-        sizes=(channels, lattice_w, sh, sw, blocks_w, group_blocks_c, loop_blocks_c, chunks, tiles,
-               tiles_per_chunk),
+        sizes=(channels, lattice_w, sh, sw, blocks_w, group_blocks_c, loop_blocks_c, chunks,
+               lattice_h, rows_per_chunk),
+        even=lattice_w % tile.block_w == 0 and channels % tile.block_c == 0,
         groups=batch * sh * sw * (channels if per_channel else 1), chunks=chunks,
         group_size=lattice_h * lattice_w * (1 if per_channel else channels),
         chunk_block=_chunk_block(per_channel, tile.block_c), grid=(units * chunks,),
-        unroll_stats=2 if interpreter_enabled() else 4,
-        unroll_normalize=2 if interpreter_enabled() else 4,
+        unroll_stats=unroll_stats, unroll_normalize=unroll_normalize,
     )
 
 
-def _match_stats_triton(
-    x: torch.Tensor, mean_value: float, mean_tensor: torch.Tensor | None, std_value: float,
-    std_tensor: torch.Tensor | None, sh: int, sw: int, per_channel: bool,
-) -> torch.Tensor:
+@functools.cache
+def _launchers():
+    """The launchers of the two passes (kernels imported on first use: Triton is optional)."""
     from hrkernels.ops.stats.kernels import (
         _lattice_normalize_kernel,
         _lattice_partial_stats_kernel,
     )
 
+    return launcher(_lattice_partial_stats_kernel), launcher(_lattice_normalize_kernel)
+
+
+def _match_stats_triton(
+    x: torch.Tensor, mean_value: float, mean_tensor: torch.Tensor | None, std_value: float,
+    std_tensor: torch.Tensor | None, sh: int, sw: int, per_channel: bool, plan: _Plan | None = None,
+) -> torch.Tensor:
+    partial_stats, normalize = _launchers()
     out = empty_output(tuple(x.shape), x.dtype, x.device, output_memory_format(x))
-    plan = _plan(tuple(x.shape), channels_contiguous(x, out), sh, sw, per_channel, x.device)
+    if plan is None:
+        plan = _plan(tuple(x.shape), channels_contiguous(x, out), sh, sw, per_channel, x.device)
     partials = torch.empty((plan.groups, plan.chunks, 3), dtype=torch.float32, device=x.device)
-    _lattice_partial_stats_kernel[plan.grid](
+    partial_stats[plan.grid](
         x, partials, *plan.sizes, *x.stride(), plan.chunks * 3, 3,
-        PER_CHANNEL=per_channel, UNROLL=plan.unroll_stats, BLOCK_W=plan.block_w,
+        PER_CHANNEL=per_channel, EVEN=plan.even, UNROLL=plan.unroll_stats, BLOCK_W=plan.block_w,
         BLOCK_C=plan.block_c, num_warps=plan.num_warps,
     )
     # Strides of the [B] / [B, C] target views (stride 0 where broadcast); unused for floats.
     mean_strides = (*mean_tensor.stride(), 0)[:2] if mean_tensor is not None else (0, 0)
     std_strides = (*std_tensor.stride(), 0)[:2] if std_tensor is not None else (0, 0)
-    _lattice_normalize_kernel[plan.grid](
+    normalize[plan.grid](
         x, partials, out, x if mean_tensor is None else mean_tensor,
         x if std_tensor is None else std_tensor, mean_value, std_value,
         *plan.sizes, plan.group_size, *x.stride(), *out.stride(), plan.chunks * 3, 3,
         *mean_strides, *std_strides,
         PER_CHANNEL=per_channel, MEAN_FROM_PTR=mean_tensor is not None,
-        STD_FROM_PTR=std_tensor is not None, CHUNK_BLOCK=plan.chunk_block,
+        STD_FROM_PTR=std_tensor is not None, CHUNK_BLOCK=plan.chunk_block, EVEN=plan.even,
         UNROLL=plan.unroll_normalize, BLOCK_W=plan.block_w, BLOCK_C=plan.block_c,
         num_warps=plan.num_warps,
     )
