@@ -23,7 +23,7 @@ import triton.testing
 
 from hrkernels.bench.harness import copy_bandwidth_gbps
 from hrkernels.ops._launch import channels_contiguous
-from hrkernels.ops.blur.op import _blur_triton, _plan
+from hrkernels.ops.blur.op import _blur_triton, _default_knobs, _plan
 
 SHAPES = {  # label: (shape [B, C, H, W], channels-last)
     "feat [2,128,128,640] cl": ((2, 640, 128, 128), True),
@@ -58,10 +58,28 @@ def _knobs(kernel_size: int, channels_last: bool, quick: bool) -> list[dict]:
     return plans
 
 
+def _parse_plan(text: str) -> dict:
+    """``"tile_w=6,block_c=64,per_thread=2"`` -> ``_plan`` keyword arguments."""
+    knobs = {}
+    for item in text.split(","):
+        name, value = item.split("=")
+        knobs[name.strip()] = value.strip() == "True" if value.strip() in ("True", "False") \
+            else int(value)
+    return knobs
+
+
+def _around(bases: list[dict], iterations: list[int], max_registers: list[int]) -> list[dict]:
+    """Each base plan with other loop iterations (rows per program) and register caps."""
+    return [dict(base, iterations=i, max_registers=m) for base, i, m in
+            itertools.product(bases, [None, *iterations], [None, *max_registers])]
+
+
 def _describe(result: dict) -> str:
-    kernel = f"columns tw{result['tile_w']}" if result["columns"] else "rows"
-    return (f"{kernel} pt{result['per_thread']} u{result['unroll']} pps{result['programs_per_sm']} "
-            f"pf{int(result['prefetch'])} rows{result['rows']} block{result['block']}")
+    kernel = f"columns tw{result.get('tile_w')}" if result["columns"] else "rows"
+    return (f"{kernel} pt{result.get('per_thread')} u{result.get('unroll')} "
+            f"pps{result.get('programs_per_sm', 6)} pf{int(result['prefetch'])} "
+            f"rows{result['rows']} programs{result['programs']} "
+            f"maxnreg{result.get('max_registers')} block{result['block']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel-sizes", type=int, nargs="+", default=[3, 7])
     parser.add_argument("--filter", default="", help="only cases whose label contains this")
     parser.add_argument("--ops", nargs="+", default=["blur", "fusion"])
+    parser.add_argument("--plans", nargs="+", default=[],
+                        help='instead of the sweep: these plans ("tile_w=6,block_c=64,...") and '
+                             "the default, each with --iterations and --max-registers")
+    parser.add_argument("--iterations", type=int, nargs="+", default=[],
+                        help="loop iterations (rows per program) to add to --plans")
+    parser.add_argument("--max-registers", type=int, nargs="+", default=[],
+                        help="register caps to add to --plans")
     args = parser.parse_args(argv)
     bandwidth = copy_bandwidth_gbps(torch.device("cuda"))
     print(f"copy bandwidth {bandwidth:.0f} GB/s", flush=True)
@@ -88,7 +113,14 @@ def main(argv: list[str] | None = None) -> int:
             return _blur_triton(a, b, 1.0, None, kernel_size, False, plan)
 
         results = []
-        for knobs in _knobs(kernel_size, channels_last, args.quick):
+        if args.plans or args.iterations or args.max_registers:
+            default = _default_knobs(shape[1], channels_last, a.element_size(), kernel_size,
+                                     fusion, False)
+            plans = _around([default, *map(_parse_plan, args.plans)], args.iterations,
+                            args.max_registers)
+        else:
+            plans = _knobs(kernel_size, channels_last, args.quick)
+        for knobs in plans:
             plan = _plan(*key, fusion=fusion, **knobs)
             try:
                 out = run(plan)
@@ -99,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             ms = triton.testing.do_bench(lambda p=plan, r=run: r(p), warmup=10, rep=40,
                                          return_mode="median")
             results.append({**knobs, "columns": plan.columns, "rows": plan.rows,
+                            "tile_w": plan.block_w if plan.columns else None,
                             "programs": plan.programs,
                             "block": [plan.block_w, plan.block_c, plan.num_warps],
                             "us": ms * 1e3, "copy_fraction": moved / (ms * 1e-3) / 1e9 / bandwidth,

@@ -15,6 +15,9 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def as_pair(value: int | Sequence[int], name: str, minimum: int = 1) -> tuple[int, int]:
     """An int (square) or an ``(h, w)`` pair of ints, each ``>= minimum``, as a tuple."""
+    if (type(value) is tuple and len(value) == 2 and type(value[0]) is int
+            and type(value[1]) is int and min(value) >= minimum):
+        return value  # the common case, without the checks below
     if isinstance(value, torch.Tensor) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int or an (h, w) pair of ints; got {value!r}")
     if isinstance(value, int):

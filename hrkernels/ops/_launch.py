@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from hrkernels.ops._backend import interpreter_enabled
+from hrkernels.ops._checks import output_memory_format
 
 
 def next_power_of_2(n: int) -> int:
@@ -88,6 +89,18 @@ def multiprocessor_count(device: torch.device) -> int:
 # Tests set this (tests/conftest.py) so that every output a kernel allocates starts as NaN: an
 # element the kernel forgets to write then fails loudly instead of passing as stale memory.
 POISON_OUTPUTS = False
+
+
+def output_like(x: torch.Tensor) -> torch.Tensor:
+    """An output of ``x``'s shape and dtype in ``x``'s layout (``_checks.output_memory_format``:
+    channels-last when ``x`` is, else contiguous); ``torch.empty_like`` when ``x`` is dense, which
+    costs about half of ``torch.empty`` on the host. NaN-filled like :func:`empty_output`."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        out = torch.empty_like(x)  # a dense tensor's layout is kept
+        if POISON_OUTPUTS:
+            out.fill_(float("nan"))
+        return out
+    return empty_output(tuple(x.shape), x.dtype, x.device, output_memory_format(x))
 
 
 def empty_output(

@@ -15,10 +15,11 @@ from hrkernels.ops._backend import interpreter_enabled, registered_op, select_ba
 from hrkernels.ops._checks import check_feature_map, output_memory_format
 from hrkernels.ops._launch import (
     channels_contiguous,
-    empty_output,
     image_offsets_fit_int32,
+    launcher,
     multiprocessor_count,
     next_power_of_2,
+    output_like,
 )
 from hrkernels.ops.blur import reference
 
@@ -113,6 +114,7 @@ class BlurPlan:
     prefetch: bool  # L2 prefetch of the next iteration's rows (CUDA only)
     line_w: int  # prefetch one address per line_w columns ...
     line_c: int  # ... and line_c channels (a 32-byte sector along the unit-stride axis)
+    max_registers: int | None = None  # ptxas register cap per thread (None: ptxas decides)
 
 
 def _blur_tile(channels: int, width: int, contiguous_channels: bool, element_size: int,
@@ -144,7 +146,8 @@ def _default_knobs(channels: int, contiguous_channels: bool, element_size: int,
 
     * Channels-contiguous maps, ``k >= 5``: the register-blocked columns kernel (each element
       loaded and converted once), 3 columns x 4 channels per thread and 2 rows per iteration
-      (2 x 2 and 1 row for ``k >= 9``, whose row history is longer), L2 prefetch.
+      (2 x 2 and 1 row for ``k >= 9``, whose row history is longer), L2 prefetch; the blur
+      (not the fusion) with at most 200 registers (ptxas then schedules it 3-8% faster).
     * Channels-contiguous maps, ``k <= 3`` (and the channel blur): the rows kernel, 16-byte
       vectors (8 fp16) per thread for the blur, 4 elements for the fusion, ``2k`` rows per
       iteration, no prefetch (the ``k`` shifted loads hit L1 anyway).
@@ -154,8 +157,9 @@ def _default_knobs(channels: int, contiguous_channels: bool, element_size: int,
     vector = 16 // element_size
     if contiguous_channels and channels % vector == 0:
         if kernel_size >= 5 and not feature_blur:
-            if kernel_size <= 7:
-                return dict(tile_w=3, per_thread=4, unroll=2, prefetch=True)
+            if kernel_size <= 7:  # the blur also caps registers at 200 (fusion: no cap)
+                return dict(tile_w=3, per_thread=4, unroll=2, prefetch=True,
+                            max_registers=None if fusion else 200)
             return dict(tile_w=2, per_thread=2, unroll=1, prefetch=True)
         return dict(per_thread=vector // 2 if fusion else vector, unroll=2 * kernel_size,
                     prefetch=False)
@@ -163,20 +167,41 @@ def _default_knobs(channels: int, contiguous_channels: bool, element_size: int,
 
 
 def _rows_per_program(height: int, kernel_size: int, unroll: int, programs_per_row_block: int,
-                      target_programs: int) -> int:
+                      target_programs: int, rows: int = 32) -> int:
     """Output rows per program: ``iterations * unroll - 2r`` (no unrolled sub-step wasted), about
-    32 (halo overhead ``(32 + 2r) / 32``), fewer while the grid has fewer than ``target_programs``
-    programs."""
+    ``rows`` (halo overhead ``(rows + 2r) / rows``), fewer while the grid has fewer than
+    ``target_programs`` programs."""
     halo = 2 * (kernel_size // 2)
     most = -(-(height + halo) // unroll)  # one program covers every row
     if interpreter_enabled():
         return most * unroll - halo
     least = -(-(halo + 1) // unroll)  # at least one output row
-    iterations = max(least, min(most, -(-(32 + halo) // unroll)))
+    iterations = max(least, min(most, -(-(rows + halo) // unroll)))
     while iterations > least and (programs_per_row_block
                                   * -(-height // (iterations * unroll - halo))) < target_programs:
         iterations -= 1
     return iterations * unroll - halo
+
+
+# Resident programs per SM of the columns kernel (one warp of 200-255 registers each).
+COLUMN_PROGRAMS_PER_SM = 8
+
+
+def _wave_balanced_rows(height: int, kernel_size: int, unroll: int, programs_per_row_block: int,
+                        target_programs: int, slots: int) -> int:
+    """Rows per program of the columns kernel: about 32 rows (fewer on small grids) or about 64,
+    whichever the model ``ceil(programs / slots) * (rows + 2r)`` (waves of resident programs, each
+    as long as the rows it reads) says is faster. A partial last wave costs a whole one: at
+    ``[2, 640, 128, 128]`` 32-row strips are 1.6 waves, 64-row strips one (-10% time on the H100),
+    while at ``[2, 640, 256, 256]`` 32 rows (6.5 waves) stay best."""
+    halo = 2 * (kernel_size // 2)
+
+    def cost(rows: int) -> int:
+        return -(-programs_per_row_block * -(-height // rows) // slots) * (rows + halo)
+
+    candidates = [_rows_per_program(height, kernel_size, unroll, programs_per_row_block,
+                                    target_programs, rows) for rows in (32, 64)]
+    return min(candidates, key=cost)
 
 
 def prefetch_supported(device: torch.device) -> bool:
@@ -189,15 +214,17 @@ def _plan(shape: tuple[int, ...], contiguous_channels: bool, element_size: int, 
           device: torch.device, per_thread: int | None = None, unroll: int | None = None,
           programs_per_sm: int = 6, prefetch: bool | None = None,
           iterations: int | None = None, fusion: bool = False, feature_blur: bool = False,
-          tile_w: int | None = None) -> BlurPlan:
+          tile_w: int | None = None, max_registers: int | None = None,
+          block_c: int | None = None) -> BlurPlan:
     """The launch plan for one shape and layout (cached).
 
     With no knob given, the tuned choice (``_default_knobs``). Knobs (``bench/tune_blur.py``
     sweeps them): ``tile_w`` picks the columns kernel with that many columns per program (only for
     channels-contiguous maps without ``feature_blur``), ``per_thread`` elements per thread,
     ``unroll`` input rows per iteration, ``programs_per_sm`` the grid size below which strips get
-    shorter, ``prefetch`` the L2 prefetch; ``iterations`` fixes the loop iterations of a program
-    (``rows = iterations * unroll - 2r``, for tests of the strip boundaries).
+    shorter, ``prefetch`` the L2 prefetch, ``max_registers`` a register cap (more programs per SM),
+    ``block_c`` the channels of a columns-kernel program (default: ``_blur_tile``'s);
+    ``iterations`` fixes the loop iterations of a program (``rows = iterations * unroll - 2r``).
     """
     batch, channels, height, width = shape
     if per_thread is None and unroll is None and tile_w is None and prefetch is None:
@@ -205,19 +232,26 @@ def _plan(shape: tuple[int, ...], contiguous_channels: bool, element_size: int, 
                                feature_blur)
         per_thread, unroll = knobs["per_thread"], knobs["unroll"]
         tile_w, prefetch = knobs.get("tile_w"), knobs["prefetch"]
+        max_registers = knobs.get("max_registers")
     per_thread = per_thread or 2
     unroll = unroll or kernel_size
     prefetch = bool(prefetch) and prefetch_supported(device)
-    block_w, block_c, num_warps = _blur_tile(channels, width, contiguous_channels, element_size,
-                                             per_thread)
+    block_w, tile_c, num_warps = _blur_tile(channels, width, contiguous_channels, element_size,
+                                            per_thread)
     columns = tile_w is not None and contiguous_channels and not feature_blur
     if columns:
         block_w = tile_w
+        block_c = block_c or tile_c
         num_warps = max(1, block_c // (32 * per_thread))
+    else:
+        block_c = tile_c
     per_row_block = batch * -(-width // block_w) * -(-channels // block_c)
-    if iterations is None:
-        rows = _rows_per_program(height, kernel_size, unroll, per_row_block,
-                                 programs_per_sm * multiprocessor_count(device))
+    target = programs_per_sm * multiprocessor_count(device)
+    if iterations is None and columns:
+        rows = _wave_balanced_rows(height, kernel_size, unroll, per_row_block, target,
+                                   COLUMN_PROGRAMS_PER_SM * multiprocessor_count(device))
+    elif iterations is None:
+        rows = _rows_per_program(height, kernel_size, unroll, per_row_block, target)
     else:
         rows = iterations * unroll - 2 * (kernel_size // 2)
         if rows < 1:
@@ -226,7 +260,7 @@ def _plan(shape: tuple[int, ...], contiguous_channels: bool, element_size: int, 
     line_c = min(block_c, sector) if contiguous_channels else 1
     line_w = 1 if contiguous_channels else min(block_w, sector)
     return BlurPlan(columns, block_w, block_c, num_warps, unroll, rows,
-                    per_row_block * -(-height // rows), prefetch, line_w, line_c)
+                    per_row_block * -(-height // rows), prefetch, line_w, line_c, max_registers)
 
 
 def _blur_triton(
@@ -243,22 +277,22 @@ def _blur_triton(
     batch, channels, height, width = a.shape
     fusion = b is not None
     other = b if fusion else a
-    out = empty_output(tuple(a.shape), a.dtype, a.device, output_memory_format(a))
+    out = output_like(a)
     if plan is None:
         plan = _plan(tuple(a.shape), channels_contiguous(a, other, out), a.element_size(),
                      kernel_size, a.device, fusion=fusion, feature_blur=feature_blur)
     if plan.columns:
-        _channels_last_blur_kernel[(plan.programs,)](
+        launcher(_channels_last_blur_kernel)[(plan.programs,)](
             a, other, out, a if sigma_tensor is None else sigma_tensor, sigma_value,
             channels, height, width, plan.rows,
             *a.stride(), *other.stride(), *out.stride(),
             K=kernel_size, K_PAD=next_power_of_2(kernel_size), FUSION=fusion,
             SIGMA_FROM_PTR=sigma_tensor is not None, EVEN_C=channels % plan.block_c == 0,
             BLOCK_C=plan.block_c, TILE_W=plan.block_w, UNROLL=plan.unroll, PREFETCH=plan.prefetch,
-            LINE_C=plan.line_c, num_warps=plan.num_warps,
+            LINE_C=plan.line_c, num_warps=plan.num_warps, maxnreg=plan.max_registers,
         )
         return out
-    _separable_blur_kernel[(plan.programs,)](
+    launcher(_separable_blur_kernel)[(plan.programs,)](
         a, other, out, a if sigma_tensor is None else sigma_tensor, sigma_value,
         channels, height, width, plan.rows,
         *a.stride(), *other.stride(), *out.stride(),
@@ -266,7 +300,7 @@ def _blur_triton(
         FUSION=fusion, FEATURE_BLUR=feature_blur, SIGMA_FROM_PTR=sigma_tensor is not None,
         EVEN_C=channels % plan.block_c == 0, BLOCK_W=plan.block_w, BLOCK_C=plan.block_c,
         UNROLL=plan.unroll, PREFETCH=plan.prefetch, LINE_W=plan.line_w, LINE_C=plan.line_c,
-        num_warps=plan.num_warps,
+        num_warps=plan.num_warps, maxnreg=plan.max_registers,
     )
     return out
 
