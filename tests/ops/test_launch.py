@@ -188,16 +188,17 @@ def test_direct_launches_match_tritons_own_bit_for_bit():
     from hrkernels import ops
     from hrkernels.ops.stats.op import _launchers
 
-    partial_stats, normalize = _launchers()
-    x = torch.randn(1, 4, 512, 512, device="cuda", dtype=torch.float16)
-    first = ops.match_stats(x, 0.1, 0.9, (4, 4))  # compiles (or finds) through fn[grid]
-    assert partial_stats.kernels and normalize.kernels
-    normalize.kernels.clear()
-    partial_stats.kernels.clear()
-    through_triton = ops.match_stats(x, 0.1, 0.9, (4, 4))
-    direct = ops.match_stats(x, 0.1, 0.9, (4, 4))
-    torch.cuda.synchronize()
-    assert torch.equal(first, through_triton) and torch.equal(direct, through_triton)
+    launchers = _launchers()
+    for factor in ((4, 4), (1, 1)):  # one launch, then two
+        x = torch.randn(1, 4, 512, 512, device="cuda", dtype=torch.float16)
+        first = ops.match_stats(x, 0.1, 0.9, factor)  # compiles (or finds) through fn[grid]
+        assert any(launcher.kernels for launcher in launchers)
+        for launcher in launchers:
+            launcher.kernels.clear()
+        through_triton = ops.match_stats(x, 0.1, 0.9, factor)
+        direct = ops.match_stats(x, 0.1, 0.9, factor)
+        torch.cuda.synchronize()
+        assert torch.equal(first, through_triton) and torch.equal(direct, through_triton)
 
 
 @pytest.mark.gpu

@@ -9,9 +9,21 @@ import torch
 from conftest import DTYPES, LAYOUTS, assert_close, make_layout
 
 from hrkernels.ops import match_stats, use_backend
+from hrkernels.ops.stats import op as stats_op
 from hrkernels.ops.stats import reference
 
 pytestmark = pytest.mark.usefixtures("triton_backend")
+
+
+@pytest.fixture(autouse=True, params=["two passes", "fused"])
+def launch_path(request, monkeypatch):
+    """Every test runs through both Triton paths: two launches (large maps) and the one-launch
+    kernel (small maps; every test map is small enough for it)."""
+    if request.param == "two passes":
+        monkeypatch.setattr(stats_op, "FUSED_ELEMENTS", 0)
+    stats_op._plan.cache_clear()
+    yield request.param
+    stats_op._plan.cache_clear()
 
 
 def random_map(shape, dtype, device, layout="contiguous", seed=0, scale=3.0, offset=1.0):
@@ -142,6 +154,19 @@ def test_statistics_are_stable_for_large_offsets(device):
     views = lattices(x, (2, 2))
     std, mean = torch.std_mean(views, dim=(1, 2, 3), keepdim=True)
     torch.testing.assert_close(lattices(out, (2, 2)), (views - mean) / std, atol=5e-3, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "shape, factor, per_channel, fused",
+    [((1, 4, 512, 512), (4, 4), False, True),  # a latent: 65536-element groups, one launch
+     ((1, 4, 512, 512), (4, 4), True, True),
+     ((1, 4, 512, 512), (1, 1), False, False),  # one group of 2^20 elements: two passes
+     ((8, 64, 512, 512), (1, 1), False, False)],
+)
+def test_small_maps_take_one_launch(launch_path, shape, factor, per_channel, fused):
+    if launch_path != "fused":
+        pytest.skip("the choice is made with the real limits")
+    assert stats_op._plan(shape, False, *factor, per_channel, torch.device("cpu")).fused == fused
 
 
 def test_match_stats_is_deterministic(device):

@@ -1,13 +1,16 @@
 """Triton kernels of the ``stats`` family: per-sub-lattice statistics and renormalisation.
 
-``match_stats`` runs two launches and never reads a statistic on the host:
+``match_stats`` never reads a statistic on the host. Large maps take two launches:
 
 1. ``_lattice_partial_stats_kernel``: the elements of every group (image ``b``, sub-lattice ``k``,
-   and channel when per-channel) are split into ``NUM_CHUNKS`` chunks of tiles; each program reduces
+   and channel when per-channel) are split into ``NUM_CHUNKS`` chunks of rows; each program reduces
    one chunk to ``(count, mean, M2)`` in fp32 and writes it to its own slot of a partials buffer.
 2. ``_lattice_normalize_kernel``: each program combines the ``NUM_CHUNKS`` partials of its group
    (the same fixed-order tree in every program, so every program gets bit-identical statistics) and
-   writes ``std / sigma_k * (x - mu_k) + mean`` for its chunk of tiles.
+   writes ``std / sigma_k * (x - mu_k) + mean`` for its chunk of rows.
+
+Small groups (latents, where the host cost of a launch exceeds the kernels') take one launch,
+``_lattice_fused_kernel``: every program reduces its whole group, then normalises its chunk.
 
 No atomics: results are bitwise reproducible. Statistics are fp32 and numerically stable: every
 lane (element position of a tile) sums the deviations of its values from its own first value and
@@ -331,3 +334,42 @@ def _lattice_normalize_kernel(
                       scale, target_mean, spread_ok, NUM_WB, NUM_CB_LOOP, C, WS, SH, SW,
                       stride_xc, stride_xh, stride_xw, stride_oc, stride_oh, stride_ow,
                       PER_CHANNEL, EVEN, UNROLL, BLOCK_W, BLOCK_C)
+
+
+@triton.jit
+def _lattice_fused_kernel(
+    x_ptr, out_ptr, mean_ptr, std_ptr, mean_value, std_value,
+    C, WS, SH, SW, NUM_WB, NUM_CB, NUM_CB_LOOP, NUM_CHUNKS, HS, ROWS_PER_CHUNK, GROUP_SIZE,
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    stride_ob, stride_oc, stride_oh, stride_ow,
+    stride_mb, stride_mc, stride_sb, stride_sc,
+    PER_CHANNEL: tl.constexpr, MEAN_FROM_PTR: tl.constexpr, STD_FROM_PTR: tl.constexpr,
+    EVEN: tl.constexpr, UNROLL: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # One launch for small groups (latents): every program reduces its whole group (a few hundred
+    # KB, from L2 after the first reads; the same order in every program, so the group's programs
+    # get bit-identical statistics) and writes the normalised output of its chunk of rows.
+    # grid: B * K * NUM_CB * NUM_CHUNKS, as in the two-pass kernels.
+    batch, k, group_cb, chunk, ki, kj, batch_offset, pivot = _program_group(
+        tl.program_id(0), x_ptr, NUM_CB, NUM_CHUNKS, C, SH, SW, stride_xb, stride_xc, stride_xh,
+        stride_xw, PER_CHANNEL, BLOCK_C)
+    count, mean, m2 = _lane_statistics(x_ptr + batch_offset, pivot, 0, HS, group_cb, ki, kj,
+                                       NUM_WB, NUM_CB_LOOP, C, WS, SH, SW, stride_xc, stride_xh,
+                                       stride_xw, PER_CHANNEL, EVEN, UNROLL, BLOCK_W, BLOCK_C)
+    lanes = tl.arange(0, BLOCK_C)
+    if PER_CHANNEL:
+        count, mu, m2 = _merge_lanes(count, mean, m2, 0)  # [BLOCK_C]
+    else:
+        count, mu, m2 = _merge_lanes(count, mean, m2, None)
+    zeros = tl.zeros([BLOCK_C], dtype=tl.float32)  # per-image statistics, one per lane
+    sigma = tl.sqrt(m2 / tl.maximum(GROUP_SIZE - 1, 1).to(tl.float32)) + zeros
+    target_mean, scale, spread_ok = _scale_and_targets(
+        batch, group_cb * BLOCK_C + lanes, lanes, sigma, mean_ptr, std_ptr, mean_value, std_value,
+        C, stride_mb, stride_mc, stride_sb, stride_sc, PER_CHANNEL, MEAN_FROM_PTR, STD_FROM_PTR,
+        BLOCK_C)
+    row_first = chunk * ROWS_PER_CHUNK
+    row_last = tl.minimum(row_first + ROWS_PER_CHUNK, HS)
+    _write_normalized(x_ptr + batch_offset, out_ptr + batch.to(tl.int64) * stride_ob, row_first,
+                      row_last, group_cb, ki, kj, mu + zeros, scale, target_mean, spread_ok,
+                      NUM_WB, NUM_CB_LOOP, C, WS, SH, SW, stride_xc, stride_xh, stride_xw,
+                      stride_oc, stride_oh, stride_ow, PER_CHANNEL, EVEN, UNROLL, BLOCK_W, BLOCK_C)

@@ -16,10 +16,10 @@ from hrkernels.ops._backend import interpreter_enabled, registered_op, select_ba
 from hrkernels.ops._checks import as_pair, check_feature_map, output_memory_format
 from hrkernels.ops._launch import (
     channels_contiguous,
-    empty_output,
     image_offsets_fit_int32,
     launcher,
     multiprocessor_count,
+    output_like,
     row_tile,
 )
 from hrkernels.ops.stats import reference
@@ -30,6 +30,12 @@ Target = float | torch.Tensor
 # time (a constexpr: one compile).
 MAX_CHUNKS = 256
 CHUNK_BLOCK = 64
+# Maps of at most FUSED_ELEMENTS whose programs each reduce at most FUSED_GROUP_ELEMENTS (a group,
+# or BLOCK_C channel groups) take the one-launch kernel: every program re-reads its group (from L2),
+# which costs less than a second launch on the host.
+FUSED_GROUP_ELEMENTS = 2**17
+FUSED_ELEMENTS = 2**22
+FUSED_CHUNKS = 8
 # Elements of a tile: 16 per thread of 4 warps; the statistics pass keeps 4 fp32 per element
 # (shift, count, sums) in registers.
 TILE_ELEMENTS = 2048
@@ -97,6 +103,7 @@ class _Plan:
     num_warps: int
     sizes: tuple[int, ...]  # C, WS, SH, SW, NUM_WB, NUM_CB, NUM_CB_LOOP, NUM_CHUNKS, HS, RPC
     even: bool  # tiles cover the sub-lattice columns and channels exactly: no masks
+    fused: bool  # one launch (_lattice_fused_kernel) instead of two
     groups: int
     chunks: int
     group_size: int
@@ -131,21 +138,30 @@ def _plan(shape: tuple[int, ...], channels_last_tiles: bool, sh: int, sw: int, p
 
     # Chunks (ranges of sub-lattice rows) per group: enough programs to fill the GPU, at
     # most MAX_CHUNKS. Per channel every program of the normalisation pass reads [BLOCK_C, chunks]
-    # partials, so chunks are also kept small against the tile data each program moves.
+    # partials, so chunks are also kept small against the tile data each program moves. The fused
+    # kernel reads a group once per chunk: FUSED_CHUNKS at most.
+    group_size = lattice_h * lattice_w * (1 if per_channel else channels)
+    reduced = lattice_h * lattice_w * (min(channels, tile.block_c) if per_channel else channels)
+    fused = (reduced <= FUSED_GROUP_ELEMENTS
+             and batch * channels * height * width <= FUSED_ELEMENTS)
     target = 8 if interpreter_enabled() else programs_per_sm * multiprocessor_count(device)
-    chunks = max(1, min(-(-target // units), MAX_CHUNKS, lattice_h))
+    chunks = max(1, min(-(-target // units), FUSED_CHUNKS if fused else MAX_CHUNKS, lattice_h))
     if per_channel:
         chunks = max(1, min(chunks, math.isqrt(tiles * tile.block_w // 48)))
     # Whole loop iterations per chunk (only the last chunk of a group has a remainder).
     rows_per_chunk = min(lattice_h, _round_up(-(-lattice_h // chunks), unroll_stats))
     chunks = -(-lattice_h // rows_per_chunk)
+    num_warps = tile.num_warps
+    if fused:  # each program reads its whole group: 8 warps x 16 rows of loads in flight
+        num_warps = max(num_warps, min(8, tile.block_w * tile.block_c // 64))
+        unroll_stats = 2 if interpreter_enabled() else 16
     return _Plan(
-        block_w=tile.block_w, block_c=tile.block_c, num_warps=tile.num_warps,
+        block_w=tile.block_w, block_c=tile.block_c, num_warps=num_warps,
         sizes=(channels, lattice_w, sh, sw, blocks_w, group_blocks_c, loop_blocks_c, chunks,
                lattice_h, rows_per_chunk),
-        even=lattice_w % tile.block_w == 0 and channels % tile.block_c == 0,
+        even=lattice_w % tile.block_w == 0 and channels % tile.block_c == 0, fused=fused,
         groups=batch * sh * sw * (channels if per_channel else 1), chunks=chunks,
-        group_size=lattice_h * lattice_w * (1 if per_channel else channels),
+        group_size=group_size,
         chunk_block=_chunk_block(per_channel, tile.block_c), grid=(units * chunks,),
         unroll_stats=unroll_stats, unroll_normalize=unroll_normalize,
     )
@@ -153,35 +169,48 @@ def _plan(shape: tuple[int, ...], channels_last_tiles: bool, sh: int, sw: int, p
 
 @functools.cache
 def _launchers():
-    """The launchers of the two passes (kernels imported on first use: Triton is optional)."""
+    """The launchers of the two passes and of the fused kernel (kernels imported on first use:
+    Triton is optional)."""
     from hrkernels.ops.stats.kernels import (
+        _lattice_fused_kernel,
         _lattice_normalize_kernel,
         _lattice_partial_stats_kernel,
     )
 
-    return launcher(_lattice_partial_stats_kernel), launcher(_lattice_normalize_kernel)
+    return (launcher(_lattice_partial_stats_kernel), launcher(_lattice_normalize_kernel),
+            launcher(_lattice_fused_kernel))
 
 
 def _match_stats_triton(
     x: torch.Tensor, mean_value: float, mean_tensor: torch.Tensor | None, std_value: float,
     std_tensor: torch.Tensor | None, sh: int, sw: int, per_channel: bool, plan: _Plan | None = None,
 ) -> torch.Tensor:
-    partial_stats, normalize = _launchers()
-    out = empty_output(tuple(x.shape), x.dtype, x.device, output_memory_format(x))
+    partial_stats, normalize, fused = _launchers()
+    out = output_like(x)
     if plan is None:
         plan = _plan(tuple(x.shape), channels_contiguous(x, out), sh, sw, per_channel, x.device)
+    # Strides of the [B] / [B, C] target views (stride 0 where broadcast); unused for floats.
+    mean_strides = (*mean_tensor.stride(), 0)[:2] if mean_tensor is not None else (0, 0)
+    std_strides = (*std_tensor.stride(), 0)[:2] if std_tensor is not None else (0, 0)
+    mean_arg = x if mean_tensor is None else mean_tensor
+    std_arg = x if std_tensor is None else std_tensor
+    if plan.fused:
+        fused[plan.grid](
+            x, out, mean_arg, std_arg, mean_value, std_value, *plan.sizes, plan.group_size,
+            *x.stride(), *out.stride(), *mean_strides, *std_strides,
+            PER_CHANNEL=per_channel, MEAN_FROM_PTR=mean_tensor is not None,
+            STD_FROM_PTR=std_tensor is not None, EVEN=plan.even, UNROLL=plan.unroll_stats,
+            BLOCK_W=plan.block_w, BLOCK_C=plan.block_c, num_warps=plan.num_warps,
+        )
+        return out
     partials = torch.empty((plan.groups, plan.chunks, 3), dtype=torch.float32, device=x.device)
     partial_stats[plan.grid](
         x, partials, *plan.sizes, *x.stride(), plan.chunks * 3, 3,
         PER_CHANNEL=per_channel, EVEN=plan.even, UNROLL=plan.unroll_stats, BLOCK_W=plan.block_w,
         BLOCK_C=plan.block_c, num_warps=plan.num_warps,
     )
-    # Strides of the [B] / [B, C] target views (stride 0 where broadcast); unused for floats.
-    mean_strides = (*mean_tensor.stride(), 0)[:2] if mean_tensor is not None else (0, 0)
-    std_strides = (*std_tensor.stride(), 0)[:2] if std_tensor is not None else (0, 0)
     normalize[plan.grid](
-        x, partials, out, x if mean_tensor is None else mean_tensor,
-        x if std_tensor is None else std_tensor, mean_value, std_value,
+        x, partials, out, mean_arg, std_arg, mean_value, std_value,
         *plan.sizes, plan.group_size, *x.stride(), *out.stride(), plan.chunks * 3, 3,
         *mean_strides, *std_strides,
         PER_CHANNEL=per_channel, MEAN_FROM_PTR=mean_tensor is not None,
