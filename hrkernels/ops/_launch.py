@@ -67,9 +67,8 @@ def image_offsets_fit_int32(*tensors: torch.Tensor) -> bool:
     """True when, in each ``[B, ...]`` tensor, every element of one image is at an int32 offset from
     the image's start (kernels that compute only the batch and row terms in int64 need this)."""
     for t in tensors:
-        if t.numel() < 2**31 and (t.is_contiguous()
-                                  or t.is_contiguous(memory_format=torch.channels_last)):
-            continue  # dense: every offset is below numel
+        if t.numel() < 2**31 and _dense(t):
+            continue  # every offset is below numel
         span = sum((size - 1) * abs(stride)
                    for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True))
         if span >= 2**31:
@@ -91,15 +90,23 @@ def multiprocessor_count(device: torch.device) -> int:
 POISON_OUTPUTS = False
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Contiguous or channels-last contiguous: no gaps, and a layout ``empty_like`` keeps."""
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _poisoned(out: torch.Tensor) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        out.fill_(float("nan"))
+    return out
+
+
 def output_like(x: torch.Tensor) -> torch.Tensor:
     """An output of ``x``'s shape and dtype in ``x``'s layout (``_checks.output_memory_format``:
     channels-last when ``x`` is, else contiguous); ``torch.empty_like`` when ``x`` is dense, which
     costs about half of ``torch.empty`` on the host. NaN-filled like :func:`empty_output`."""
-    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
-        out = torch.empty_like(x)  # a dense tensor's layout is kept
-        if POISON_OUTPUTS:
-            out.fill_(float("nan"))
-        return out
+    if _dense(x):
+        return _poisoned(torch.empty_like(x))  # a dense tensor's layout is kept
     return empty_output(tuple(x.shape), x.dtype, x.device, output_memory_format(x))
 
 
@@ -110,10 +117,7 @@ def empty_output(
     memory_format: torch.memory_format = torch.contiguous_format,
 ) -> torch.Tensor:
     """Allocate a kernel's output (NaN-filled when :data:`POISON_OUTPUTS` is set)."""
-    out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
-    if POISON_OUTPUTS:
-        out.fill_(float("nan"))
-    return out
+    return _poisoned(torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,13 +130,11 @@ MAX_KERNELS = 4096
 
 
 def _specialization(arg: object) -> object:
-    """What Triton may specialise a kernel on for one runtime argument, as a hashable key, finer
-    than Triton's own where that is cheaper: an int's exact value (Triton looks at ``== 1``,
-    ``% 16 == 0`` and its width), a tensor's dtype and 16-byte alignment, otherwise the type
-    (floats are not specialised; ``None`` becomes a constexpr)."""
+    """What Triton may specialise a kernel on for one runtime argument that is not an int (an int
+    is its own key, finer than Triton's ``== 1``, ``% 16 == 0`` and width), as a hashable key: a
+    tensor's dtype and 16-byte alignment, otherwise the type (floats are not specialised; ``None``
+    becomes a constexpr)."""
     kind = type(arg)
-    if kind is int:
-        return arg
     if kind is torch.Tensor:
         return arg.dtype, arg.data_ptr() % 16 == 0
     if kind is bool:  # True == 1 as a dict key: keep bools apart from ints
@@ -148,21 +150,24 @@ def _triton_version() -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def _launch_hooks() -> tuple[object, object]:
-    """Triton's launch enter/exit hooks (where profilers such as proton attach)."""
+@functools.cache
+def _hook_holder() -> object:
+    """Where Triton keeps its launch enter/exit hooks (where profilers such as proton attach)."""
     import triton
 
     knobs = getattr(triton, "knobs", None)
     if knobs is not None:  # triton >= 3.4
-        return knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        return knobs.runtime
     from triton.compiler import CompiledKernel
 
-    return CompiledKernel.launch_enter_hook, CompiledKernel.launch_exit_hook
+    return CompiledKernel
 
 
 def _hooks_installed() -> bool:
     # A hook is a callable, None, or (triton >= 3.6) a HookChain whose ``calls`` may be empty.
-    return any(hook is not None and getattr(hook, "calls", True) for hook in _launch_hooks())
+    holder = _hook_holder()
+    return any(hook is not None and getattr(hook, "calls", True)
+               for hook in (holder.launch_enter_hook, holder.launch_exit_hook))
 
 
 class Launcher:
@@ -202,13 +207,15 @@ class Launcher:
         key = (device, tuple(kwargs), *kwargs.values(),
                *[arg if type(arg) is int else _specialization(arg) for arg in args])
         entry = self.kernels.get(key)
-        if entry is None or _hooks_installed():
+        if entry is None:
             trailing = self._trailing_arguments(len(args), kwargs)
             kernel = self.fn[grid](*args, **kwargs)
-            if entry is None:
-                if len(self.kernels) >= MAX_KERNELS:
-                    self.kernels.clear()  # many shapes: forget (the compiled kernels stay cached)
-                self.kernels[key] = (kernel, trailing)
+            if len(self.kernels) >= MAX_KERNELS:
+                self.kernels.clear()  # many shapes: forget (the compiled kernels stay cached)
+            self.kernels[key] = (kernel, trailing)
+            return
+        if _hooks_installed():
+            self.fn[grid](*args, **kwargs)
             return
         kernel, trailing = entry
         size = len(grid)

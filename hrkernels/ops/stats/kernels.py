@@ -55,6 +55,14 @@ def _block_offsets(c_block, w_block, kj, C, WS, SW, stride_c, stride_w,
 
 
 @triton.jit
+def _block(block, group_cb, NUM_WB, PER_CHANNEL: tl.constexpr):
+    # (channel block, column block) of a program's block-th block: its own channel block per
+    # channel, else every channel block of the group in turn.
+    c_block = group_cb if PER_CHANNEL else block // NUM_WB
+    return c_block, block % NUM_WB
+
+
+@triton.jit
 def _row_start(image_ptr, row, SH, ki, stride_h):
     # Pointer to sub-lattice row ``row`` (full-resolution row row * SH + ki) of one image.
     return image_ptr + (row * SH + ki).to(tl.int64) * stride_h
@@ -120,9 +128,9 @@ def _lane_statistics(image_ptr, pivot, row_first, row_last, group_cb, ki, kj, NU
     rows = row_last - row_first
     unrolled_last = row_last - rows % UNROLL
     for block in range(NUM_CB_LOOP * NUM_WB):
-        c_block = group_cb if PER_CHANNEL else block // NUM_WB
-        offsets, mask = _block_offsets(c_block, block % NUM_WB, kj, C, WS, SW, stride_xc,
-                                       stride_xw, BLOCK_W, BLOCK_C)
+        c_block, w_block = _block(block, group_cb, NUM_WB, PER_CHANNEL)
+        offsets, mask = _block_offsets(c_block, w_block, kj, C, WS, SW, stride_xc, stride_xw,
+                                       BLOCK_W, BLOCK_C)
         for row0 in range(row_first, unrolled_last, UNROLL):
             for u in tl.static_range(UNROLL):
                 total, squares = _deviation_sums(image_ptr, row0 + u, SH, ki, stride_xh, offsets,
@@ -206,8 +214,7 @@ def _write_normalized(x_image, out_image, row_first, row_last, group_cb, ki, kj,
     # first of their stores.
     unrolled_last = row_last - (row_last - row_first) % UNROLL
     for block in range(NUM_CB_LOOP * NUM_WB):
-        c_block = group_cb if PER_CHANNEL else block // NUM_WB
-        w_block = block % NUM_WB
+        c_block, w_block = _block(block, group_cb, NUM_WB, PER_CHANNEL)
         offsets, mask = _block_offsets(c_block, w_block, kj, C, WS, SW, stride_xc, stride_xw,
                                        BLOCK_W, BLOCK_C)
         out_offsets, mask = _block_offsets(c_block, w_block, kj, C, WS, SW, stride_oc, stride_ow,

@@ -121,12 +121,8 @@ def _plan(shape: tuple[int, ...], channels_last_tiles: bool, sh: int, sw: int, p
     allocates and launches). Knobs (``bench/tune_stats.py`` sweeps them): programs per SM the
     chunks aim for, rows per loop iteration of each pass (2 under the interpreter). Tuned on the
     H100: 4 programs per SM and 4 rows for whole-row groups (``factor = (1, 1)``); 8 and 8 for
-    dilated sub-lattices, whose loads use a fraction of each sector (more of them in flight)."""
-    dilated = sh > 1 or sw > 1
-    programs_per_sm = programs_per_sm or (8 if dilated else 4)
-    unroll_stats = unroll_stats or (8 if dilated else 4)
-    if interpreter_enabled():
-        unroll_stats = unroll_normalize = 2
+    dilated sub-lattices, whose loads use a fraction of each sector (more of them in flight); the
+    fused kernel reads its whole group 16 rows at a time (8 warps)."""
     batch, channels, height, width = shape
     lattice_h, lattice_w = height // sh, width // sw
     tile = row_tile(channels, lattice_w, channels_last_tiles, TILE_ELEMENTS)
@@ -144,6 +140,11 @@ def _plan(shape: tuple[int, ...], channels_last_tiles: bool, sh: int, sw: int, p
     reduced = lattice_h * lattice_w * (min(channels, tile.block_c) if per_channel else channels)
     fused = (reduced <= FUSED_GROUP_ELEMENTS
              and batch * channels * height * width <= FUSED_ELEMENTS)
+    dilated = sh > 1 or sw > 1
+    programs_per_sm = programs_per_sm or (8 if dilated else 4)
+    unroll_stats = unroll_stats or (16 if fused else 8 if dilated else 4)
+    if interpreter_enabled():
+        unroll_stats = unroll_normalize = 2
     target = 8 if interpreter_enabled() else programs_per_sm * multiprocessor_count(device)
     chunks = max(1, min(-(-target // units), FUSED_CHUNKS if fused else MAX_CHUNKS, lattice_h))
     if per_channel:
@@ -152,9 +153,8 @@ def _plan(shape: tuple[int, ...], channels_last_tiles: bool, sh: int, sw: int, p
     rows_per_chunk = min(lattice_h, _round_up(-(-lattice_h // chunks), unroll_stats))
     chunks = -(-lattice_h // rows_per_chunk)
     num_warps = tile.num_warps
-    if fused:  # each program reads its whole group: 8 warps x 16 rows of loads in flight
+    if fused:  # each program reads its whole group: 8 warps of loads in flight
         num_warps = max(num_warps, min(8, tile.block_w * tile.block_c // 64))
-        unroll_stats = 2 if interpreter_enabled() else 16
     return _Plan(
         block_w=tile.block_w, block_c=tile.block_c, num_warps=num_warps,
         sizes=(channels, lattice_w, sh, sw, blocks_w, group_blocks_c, loop_blocks_c, chunks,
