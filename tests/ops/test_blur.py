@@ -92,8 +92,8 @@ def test_gaussian_blur2d_large_kernels(device, layout, shape, kernel_size, sigma
     assert_close(out, reference.gaussian_blur2d(x, sigma, kernel_size, torch.contiguous_format))
 
 
-# unroll x iterations: strips of 1 to 12 output rows, unroll below, at and above k.
-PLAN_CASES = [(3, 1, 3), (3, 6, 2), (5, 3, 3), (7, 4, 2), (7, 9, 2), (9, 4, 3)]
+# unroll x iterations: strips of 1 to 12 output rows, unroll below, at and above k (k = 1: no halo).
+PLAN_CASES = [(1, 2, 3), (3, 1, 3), (3, 6, 2), (5, 3, 3), (7, 4, 2), (7, 9, 2), (9, 4, 3)]
 
 
 @pytest.mark.parametrize("kernel_size, unroll, iterations", PLAN_CASES)

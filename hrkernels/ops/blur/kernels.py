@@ -1,9 +1,10 @@
 """Triton kernels of the ``blur`` family: separable Gaussian blur and frequency fusion in one pass.
 
-Both kernels walk down a strip of output rows and keep the horizontal pass of the last ``2R`` input
-rows in registers (``R = K // 2``), as tuples of register tiles indexed by compile-time constants
-(no data moves between registers). Each iteration loads ``UNROLL`` new input rows *before* it
-stores any output row: a load cannot be moved above a store that may alias it, so this order is
+Both kernels walk down a strip of output rows and keep ``2R`` rows of the vertical pass in
+registers (``R = K // 2``), as tuples of register tiles indexed by compile-time constants: the
+rows kernel the horizontal pass of the last ``2R`` input rows, the columns kernel the partial sums
+of the next ``2R`` output rows. Each iteration loads ``UNROLL`` new input rows *before* it stores
+any output row: a load cannot be moved above a store that may alias it, so this order is
 what keeps several rows of loads in flight; an optional L2 prefetch (PTX ``prefetch.global.L2``,
 which has no result and is not held back by the stores) asks for the next iteration's rows. Every
 input element comes from DRAM once (plus the ``2R`` halo rows shared with the strips above and
@@ -15,7 +16,9 @@ below, through L2) and every output element is written once.
 * ``_channels_last_blur_kernel`` (channel axis contiguous): a program owns ``TILE_W`` columns, each
   a ``[BLOCK_C]`` channel vector; an input row arrives as ``TILE_W + 2R`` vectors, each element
   loaded and converted once, and the horizontal pass is ``K`` FMAs between registers. For ``K >= 5``
-  this needs about half the instructions of the shifted loads.
+  this needs about half the instructions of the shifted loads. Each new row is added into the
+  partial sums of the ``K`` outputs it belongs to (no history rows to rotate), and the fusion adds
+  ``a``'s centre term from the row it has just loaded (no second load of ``a``).
 
 Zero padding: taps outside the map contribute 0 (clamped addresses with weight 0 in the rows
 kernel, masked loads in the columns kernel). The tap weights are computed in the kernel from
@@ -251,22 +254,27 @@ def _separable_blur_kernel(
 
 @triton.jit
 def _column_vectors(a_ptr, b_ptr, row_a, row_b, x_first, W, stride_aw, stride_bw, a_chans, b_chans,
-                    ok, lane_zeros, N: tl.constexpr, FUSION: tl.constexpr):
+                    ok, lane_zeros, N: tl.constexpr, FUSION: tl.constexpr, R: tl.constexpr):
     # The channel vectors ([BLOCK_C], fp32) of input columns x_first .. x_first + N - 1 of one row:
     # a (blur) or b - a (fusion); zero for a column outside [0, W) or where ``ok`` is False (a row
-    # outside the map, channel lanes past C). Each element is loaded and converted once.
+    # outside the map, channel lanes past C). Each element is loaded and converted once. Also
+    # returns, for the fusion, the a vectors of columns R .. N - R - 1 (the program's own columns:
+    # the centre term of their outputs), else an empty tuple.
     # (Conditions on scalars are made vectors with lane_zeros: the interpreter needs vector masks.)
     columns = ()
+    centres = ()
     for j in tl.static_range(N):
         x = lane_zeros + (x_first + j)
         lanes = ok & (x >= 0) & (x < W)
         value = tl.load(a_ptr + row_a + x * stride_aw + a_chans, mask=lanes, other=0.0)
         value = value.to(tl.float32)
         if FUSION:
+            if j >= R and j < N - R:
+                centres = centres + (value,)
             value = tl.load(b_ptr + row_b + x * stride_bw + b_chans, mask=lanes,
                             other=0.0).to(tl.float32) - value
         columns = columns + (value,)
-    return columns
+    return columns, centres
 
 
 @triton.jit
@@ -283,9 +291,10 @@ def _channels_last_blur_kernel(
     # The same function as _separable_blur_kernel (without FEATURE_BLUR) for maps whose channel
     # axis is contiguous. A program owns TILE_W output columns x BLOCK_C channels over ROWS output
     # rows. Each input row arrives as TILE_W + 2R channel vectors (one load and one conversion per
-    # element); the horizontal pass is K FMAs per column between registers, the vertical pass K FMAs
-    # over the rows kept from the previous iterations. Rows and columns are tuples of [BLOCK_C]
-    # vectors, so every index below is a compile-time constant: no data moves between registers.
+    # element); the horizontal pass is K FMAs per column between registers, the vertical pass one
+    # FMA of the row into each of the K partial outputs it belongs to. Rows, columns and partial
+    # outputs are tuples of [BLOCK_C] vectors, so every index below is a compile-time constant:
+    # the loop carries the partial outputs in place, with no register moves.
     # grid: B * cdiv(H, ROWS) * cdiv(W, TILE_W) * cdiv(C, BLOCK_C), channel blocks fastest; the
     # launcher makes ROWS + 2R a multiple of UNROLL.
     R: tl.constexpr = K // 2
@@ -310,12 +319,16 @@ def _channels_last_blur_kernel(
     if PREFETCH:
         line_cs = tl.minimum(c_block * BLOCK_C + tl.arange(0, BLOCK_C // LINE_C) * LINE_C, C - 1)
 
-    # rows[r * TILE_W + x]: the horizontal pass of input row t0 - 2R + r at column x0 + x. The first
-    # 2R rows come from the previous iteration; UNROLL new rows are loaded before any store (a load
-    # cannot move above a store that may alias it: this order keeps UNROLL rows of loads in flight).
-    history = ()
+    # Sub-step t loads input row y0 - R + t and completes output row y0 + t - 2R. The vertical
+    # pass accumulates: acc[j * TILE_W + x] is the partial sum of the output completed at sub-step
+    # t0 + j, column x0 + x. Input t adds g[t - s + 2R] * (its horizontal pass) to the outputs
+    # s = t .. t + 2R and, for the fusion, its own columns of a to output s = t + R (their centre:
+    # no second load of a). The 2R partial outputs of the next sub-steps carry over; UNROLL new
+    # rows are loaded before any store (a load cannot move above a store that may alias it: this
+    # order keeps UNROLL rows of loads in flight).
+    acc = ()
     for _ in tl.static_range(2 * R * TILE_W):
-        history = history + (tl.zeros([BLOCK_C], dtype=tl.float32),)
+        acc = acc + (tl.zeros([BLOCK_C], dtype=tl.float32),)
     for t0 in range(0, ROWS + 2 * R, UNROLL):
         if PREFETCH:
             for u in tl.static_range(UNROLL):
@@ -327,22 +340,35 @@ def _channels_last_blur_kernel(
                     if FUSION:
                         _prefetch_l2(b_ptr + b_image + y_next * stride_bh + column * stride_bw
                                      + line_cs * stride_bc)
-        rows = history
         for u in tl.static_range(UNROLL):
             y = y0 - R + t0 + u
             y_safe = tl.minimum(tl.maximum(y, 0), H - 1).to(tl.int64)
             ys = lane_zeros + y
-            columns = _column_vectors(
+            columns, centres = _column_vectors(
                 a_ptr, b_ptr, a_image + y_safe * stride_ah, b_image + y_safe * stride_bh, x0 - R, W,
                 stride_aw, stride_bw, a_chans, b_chans, lanes_ok & (ys >= 0) & (ys < H),
-                lane_zeros, TILE_W + 2 * R, FUSION)
+                lane_zeros, TILE_W + 2 * R, FUSION, R)
+            rows = ()
             for x in tl.static_range(TILE_W):
                 h = weights[0] * columns[x]
                 for i in tl.static_range(1, K):
                     h += weights[i] * columns[x + i]
                 rows = rows + (h,)
+            # Entries j < u are complete; u <= j < u + 2R take tap u - j + 2R; j = u + 2R is new.
+            updated = ()
+            for j in tl.static_range(u + 2 * R + 1):
+                for x in tl.static_range(TILE_W):
+                    if j == u + 2 * R:
+                        entry = weights[0] * rows[x]
+                    elif j >= u:
+                        entry = acc[j * TILE_W + x] + weights[u - j + 2 * R] * rows[x]
+                    else:
+                        entry = acc[j * TILE_W + x]
+                    if FUSION and j == u + R:
+                        entry += centres[x]
+                    updated = updated + (entry,)
+            acc = updated
         for u in tl.static_range(UNROLL):
-            # Output row y0 + t0 + u - 2R = sum_i g[i] * (input row t0 + u - 2R + i).
             y_out = y0 + t0 + u - 2 * R
             ys = lane_zeros + y_out
             row_ok = lanes_ok & (ys >= y0) & (ys < y0 + ROWS) & (ys < H)
@@ -350,13 +376,6 @@ def _channels_last_blur_kernel(
             for x in tl.static_range(TILE_W):
                 column = x0 + x
                 ok = row_ok & ((lane_zeros + column) < W)
-                blurred = weights[0] * rows[u * TILE_W + x]
-                for i in tl.static_range(1, K):
-                    blurred += weights[i] * rows[(u + i) * TILE_W + x]
-                if FUSION:
-                    centre = tl.load(a_ptr + a_image + y_safe * stride_ah + column * stride_aw
-                                     + a_chans, mask=ok, other=0.0)
-                    blurred += centre.to(tl.float32)
                 tl.store(out_ptr + batch * stride_ob + y_safe * stride_oh + column * stride_ow
-                         + out_chans, blurred.to(out_ptr.dtype.element_ty), mask=ok)
-        history = rows[UNROLL * TILE_W:]
+                         + out_chans, acc[u * TILE_W + x].to(out_ptr.dtype.element_ty), mask=ok)
+        acc = acc[UNROLL * TILE_W:]

@@ -145,9 +145,11 @@ def _default_knobs(channels: int, contiguous_channels: bool, element_size: int,
     """The tuned plan knobs (``bench/tune_blur.py`` on the H100; ``blur/README.md``).
 
     * Channels-contiguous maps, ``k >= 5``: the register-blocked columns kernel (each element
-      loaded and converted once), 3 columns x 4 channels per thread and 2 rows per iteration
-      (2 x 2 and 1 row for ``k >= 9``, whose row history is longer), L2 prefetch; the blur
-      (not the fusion) with at most 200 registers (ptxas then schedules it 3-8% faster).
+      loaded and converted once), 2 rows per iteration and L2 prefetch; for ``k <= 7`` the
+      fusion takes 5 columns x 2 channels per thread in 64-channel programs (2-5% faster than
+      3 x 4 in 128 at k = 7), the blur 3 columns x 4 channels with at most 200 registers (ptxas
+      then schedules it 3-8% faster); ``k >= 9`` 2 x 2 and 1 row per iteration (more partial
+      rows to carry).
     * Channels-contiguous maps, ``k <= 3`` (and the channel blur): the rows kernel, 16-byte
       vectors (8 fp16) per thread for the blur, 4 elements for the fusion, ``2k`` rows per
       iteration, no prefetch (the ``k`` shifted loads hit L1 anyway).
@@ -157,9 +159,10 @@ def _default_knobs(channels: int, contiguous_channels: bool, element_size: int,
     vector = 16 // element_size
     if contiguous_channels and channels % vector == 0:
         if kernel_size >= 5 and not feature_blur:
-            if kernel_size <= 7:  # the blur also caps registers at 200 (fusion: no cap)
-                return dict(tile_w=3, per_thread=4, unroll=2, prefetch=True,
-                            max_registers=None if fusion else 200)
+            if kernel_size <= 7 and fusion:
+                return dict(tile_w=5, block_c=64, per_thread=2, unroll=2, prefetch=True)
+            if kernel_size <= 7:
+                return dict(tile_w=3, per_thread=4, unroll=2, prefetch=True, max_registers=200)
             return dict(tile_w=2, per_thread=2, unroll=1, prefetch=True)
         return dict(per_thread=vector // 2 if fusion else vector, unroll=2 * kernel_size,
                     prefetch=False)
@@ -223,7 +226,7 @@ def _plan(shape: tuple[int, ...], contiguous_channels: bool, element_size: int, 
     channels-contiguous maps without ``feature_blur``), ``per_thread`` elements per thread,
     ``unroll`` input rows per iteration, ``programs_per_sm`` the grid size below which strips get
     shorter, ``prefetch`` the L2 prefetch, ``max_registers`` a register cap (more programs per SM),
-    ``block_c`` the channels of a columns-kernel program (default: ``_blur_tile``'s);
+    ``block_c`` the channels of a columns-kernel program (at most ``_blur_tile``'s, its default);
     ``iterations`` fixes the loop iterations of a program (``rows = iterations * unroll - 2r``).
     """
     batch, channels, height, width = shape
@@ -232,7 +235,7 @@ def _plan(shape: tuple[int, ...], contiguous_channels: bool, element_size: int, 
                                feature_blur)
         per_thread, unroll = knobs["per_thread"], knobs["unroll"]
         tile_w, prefetch = knobs.get("tile_w"), knobs["prefetch"]
-        max_registers = knobs.get("max_registers")
+        max_registers, block_c = knobs.get("max_registers"), knobs.get("block_c")
     per_thread = per_thread or 2
     unroll = unroll or kernel_size
     prefetch = bool(prefetch) and prefetch_supported(device)
@@ -241,7 +244,7 @@ def _plan(shape: tuple[int, ...], contiguous_channels: bool, element_size: int, 
     columns = tile_w is not None and contiguous_channels and not feature_blur
     if columns:
         block_w = tile_w
-        block_c = block_c or tile_c
+        block_c = min(block_c, tile_c) if block_c else tile_c
         num_warps = max(1, block_c // (32 * per_thread))
     else:
         block_c = tile_c
