@@ -141,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join("    " + line for line in lines), flush=True)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "profile_ops.json").write_text(json.dumps(report, indent=1))
+        environment = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "triton": triton.__version__, "copy_gbps": bandwidth}
+        (args.out / "profile_ops.json").write_text(
+            json.dumps({"environment": environment, "cases": report}, indent=1))
     return 0
 
 
