@@ -61,8 +61,8 @@ def test_gaussian_kernel1d_default_size_and_tensor_sigma():
 # gaussian_blur2d
 # --------------------------------------------------------------------------------------------------
 
-# shape, kernel_size, sigma: odd sizes, kernels larger than the map, K = 1 (identity), K <= 7 (the
-# unrolled ring) and K > 7 (the rotating ring), sigma tiny and large.
+# shape, kernel_size, sigma: odd sizes, kernels larger than the map, K = 1 (identity), sigma tiny
+# and large (every launch plan of both kernels: test_every_launch_plan_computes_the_same_blur).
 BLUR_CASES = [
     ((2, 3, 9, 11), 3, 1.0),
     ((1, 5, 7, 6), 5, 0.8),
@@ -98,7 +98,7 @@ PLAN_CASES = [(1, 2, 3), (3, 1, 3), (3, 6, 2), (5, 3, 3), (7, 4, 2), (7, 9, 2), 
 
 @pytest.mark.parametrize("kernel_size, unroll, iterations", PLAN_CASES)
 @pytest.mark.parametrize("fusion", [False, True])
-@pytest.mark.parametrize("tile_w", [None, 3])
+@pytest.mark.parametrize("tile_w", [None, 3, 5])
 def test_every_launch_plan_computes_the_same_blur(device, kernel_size, unroll, iterations, fusion,
                                                   tile_w):
     """Either kernel (rows, or register-blocked columns of tile_w), strips of any height (several
@@ -116,6 +116,19 @@ def test_every_launch_plan_computes_the_same_blur(device, kernel_size, unroll, i
                 if fusion else reference.gaussian_blur2d(x, 1.3, kernel_size,
                                                          torch.contiguous_format))
     assert_close(out, expected)
+
+
+def test_plan_knobs_given_alone_override_the_defaults(device):
+    """The tuned plan of the fusion (64-channel columns programs) takes a block_c or a register
+    cap given on their own; block_c never exceeds the tile's channels."""
+    from hrkernels.ops.blur.op import _plan
+
+    key = ((2, 640, 16, 16), True, 2, 7, torch.device(device))
+    default = _plan(*key, fusion=True)
+    assert default.columns and default.block_c == 64 and default.max_registers is None
+    given = _plan(*key, fusion=True, block_c=32, max_registers=168)
+    assert (given.block_c, given.max_registers, given.block_w) == (32, 168, default.block_w)
+    assert _plan(*key, fusion=True, block_c=4096).block_c <= 128
 
 
 @pytest.mark.parametrize("shape, kernel_size, sigma",
@@ -173,6 +186,7 @@ FUSION_CASES = [
     ((1, 6, 7, 5), 7, 1.0, False),
     ((1, 5, 6, 7), 3, 1.0, True),
     ((1, 3, 5, 4), 5, 0.7, True),
+    ((1, 8, 9, 12), 7, 1.0, False),  # channels-last: the default columns plan of the fusion
 ]
 
 

@@ -293,8 +293,8 @@ def _channels_last_blur_kernel(
     # rows. Each input row arrives as TILE_W + 2R channel vectors (one load and one conversion per
     # element); the horizontal pass is K FMAs per column between registers, the vertical pass one
     # FMA of the row into each of the K partial outputs it belongs to. Rows, columns and partial
-    # outputs are tuples of [BLOCK_C] vectors, so every index below is a compile-time constant:
-    # the loop carries the partial outputs in place, with no register moves.
+    # outputs are tuples of [BLOCK_C] vectors, so every index below is a compile-time constant and
+    # the loop carries the partial outputs in place (no register moves on sm_90: bench/NOTES.md).
     # grid: B * cdiv(H, ROWS) * cdiv(W, TILE_W) * cdiv(C, BLOCK_C), channel blocks fastest; the
     # launcher makes ROWS + 2R a multiple of UNROLL.
     R: tl.constexpr = K // 2

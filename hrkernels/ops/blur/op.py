@@ -186,7 +186,8 @@ def _rows_per_program(height: int, kernel_size: int, unroll: int, programs_per_r
     return iterations * unroll - halo
 
 
-# Resident programs per SM of the columns kernel (one warp of 200-255 registers each).
+# Resident programs per SM of the columns kernel: one warp of about 250 registers for the fusion;
+# the blur, capped at 200, could hold 10, which the wave model leaves out.
 COLUMN_PROGRAMS_PER_SM = 8
 
 
@@ -235,7 +236,8 @@ def _plan(shape: tuple[int, ...], contiguous_channels: bool, element_size: int, 
                                feature_blur)
         per_thread, unroll = knobs["per_thread"], knobs["unroll"]
         tile_w, prefetch = knobs.get("tile_w"), knobs["prefetch"]
-        max_registers, block_c = knobs.get("max_registers"), knobs.get("block_c")
+        max_registers = max_registers or knobs.get("max_registers")
+        block_c = block_c or knobs.get("block_c")
     per_thread = per_thread or 2
     unroll = unroll or kernel_size
     prefetch = bool(prefetch) and prefetch_supported(device)
