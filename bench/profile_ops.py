@@ -29,7 +29,8 @@ import triton.language as tl
 import triton.testing
 
 from hrkernels import ops
-from hrkernels.bench.harness import copy_bandwidth_gbps
+from hrkernels.bench.harness import copy_bandwidth_gbps, gbps
+from hrkernels.env import environment
 
 
 @triton.jit
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
         device = _device_us(fn)
         total = sum(device.values())
-        fraction = moved / (total * 1e-6) / 1e9 / bandwidth if moved and total else None
+        fraction = gbps(moved, total * 1e-3) / bandwidth if moved and total else None
         report[name] = {"wall_us": wall, "bench_us": bench, "device_us": device,
                         "device_total_us": total, "device_copy_fraction": fraction}
         kernels = ", ".join(f"{k} {v:.1f}" for k, v in device.items())
@@ -141,10 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join("    " + line for line in lines), flush=True)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        environment = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "triton": triton.__version__, "copy_gbps": bandwidth}
-        (args.out / "profile_ops.json").write_text(
-            json.dumps({"environment": environment, "cases": report}, indent=1))
+        (args.out / "profile_ops.json").write_text(json.dumps(
+            {"environment": {**environment(), "copy_gbps": bandwidth}, "cases": report}, indent=1))
     return 0
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import triton.testing
 
-from hrkernels.bench.harness import copy_bandwidth_gbps
+from hrkernels.bench.harness import copy_bandwidth_gbps, gbps
 from hrkernels.ops._launch import channels_contiguous
 from hrkernels.ops.blur.op import _blur_triton, _default_knobs, _plan
 
@@ -134,14 +134,14 @@ def main(argv: list[str] | None = None) -> int:
                             "tile_w": plan.block_w if plan.columns else None,
                             "programs": plan.programs,
                             "block": [plan.block_w, plan.block_c, plan.num_warps],
-                            "us": ms * 1e3, "copy_fraction": moved / (ms * 1e-3) / 1e9 / bandwidth,
+                            "us": ms * 1e3, "copy_fraction": gbps(moved, ms) / bandwidth,
                             "max_abs_diff_vs_default": error})
         default_plan = _plan(*key, fusion=fusion)
         default_ms = triton.testing.do_bench(run, warmup=10, rep=40, return_mode="median")
         results.sort(key=lambda r: r["us"])
         row = {"case": label, "k": kernel_size, "op": "fusion" if fusion else "blur",
                "default": {"plan": str(default_plan), "us": default_ms * 1e3,
-                           "copy_fraction": moved / (default_ms * 1e-3) / 1e9 / bandwidth},
+                           "copy_fraction": gbps(moved, default_ms) / bandwidth},
                "plans": results}
         rows.append(row)
         best = results[0]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import triton.testing
 
-from hrkernels.bench.harness import copy_bandwidth_gbps
+from hrkernels.bench.harness import copy_bandwidth_gbps, gbps
 from hrkernels.ops._launch import channels_contiguous
 from hrkernels.ops.stats.op import _match_stats_triton, _plan
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             ms = triton.testing.do_bench(lambda p=plan, r=run: r(p), warmup=10, rep=40,
                                          return_mode="median")
             results.append({**knobs, "programs": plan.grid[0], "chunks": plan.chunks,
-                            "us": ms * 1e3, "copy_fraction": moved / (ms * 1e-3) / 1e9 / bandwidth,
+                            "us": ms * 1e3, "copy_fraction": gbps(moved, ms) / bandwidth,
                             "max_abs_diff_vs_default": error})
         results.sort(key=lambda r: r["us"])
         rows.append({"case": label, "default": str(_plan(*key)), "plans": results})

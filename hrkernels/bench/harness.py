@@ -65,6 +65,11 @@ def time_ms(fn: Callable[[], Any], device: torch.device) -> float:
     return statistics.median(samples)
 
 
+def gbps(nbytes: float, milliseconds: float) -> float:
+    """Bytes moved in ``milliseconds``, in GB/s (10^9 bytes per second)."""
+    return nbytes / (milliseconds * 1e-3) / 1e9
+
+
 def copy_bandwidth_gbps(device: torch.device, megabytes: int = 512) -> float:
     """Measured device-to-device copy bandwidth, counting bytes read plus bytes written."""
     if device.type != "cuda":
@@ -72,7 +77,7 @@ def copy_bandwidth_gbps(device: torch.device, megabytes: int = 512) -> float:
     source = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device).random_()
     target = torch.empty_like(source)
     milliseconds = time_ms(lambda: target.copy_(source), device)
-    return 2 * source.numel() / (milliseconds * 1e-3) / 1e9
+    return gbps(2 * source.numel(), milliseconds)
 
 
 def _first_tensor(value: Any) -> torch.Tensor:
@@ -123,7 +128,7 @@ def run_cases(
             result = Result(case.op, case.label, provider, backend, milliseconds,
                             max_abs_error=error)
             if case.bytes_moved is not None:
-                result.gbps = case.bytes_moved(inputs) / (milliseconds * 1e-3) / 1e9
+                result.gbps = gbps(case.bytes_moved(inputs), milliseconds)
                 result.copy_fraction = result.gbps / bandwidth
             if case.flops is not None:
                 result.tflops = case.flops(inputs) / (milliseconds * 1e-3) / 1e12
