@@ -10,18 +10,22 @@ tensor of timesteps), outputs are numbers, tuples or small CPU tensors. See METH
 * :func:`apt_default_eta` -- APT's ``eta_s`` for a stage's upscale factor (paper, Table B).
 * :func:`stage_sizes` -- DemoFusion's progressive stage sizes.
 * :func:`sublattice_factor` -- APT's statistical-matching lattice of a stage.
+* :func:`redilation_factor` -- ScaleCrafter's re-dilation factor of a layer at a step (progressive
+  schedule).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from fractions import Fraction
 
 import torch
 
 __all__ = [
     "apt_default_eta",
     "cosine_decay",
+    "redilation_factor",
     "scale_aware_betas",
     "stage_sizes",
     "sublattice_factor",
@@ -161,9 +165,13 @@ def stage_sizes(
 ) -> list[tuple[int, int]]:
     """DemoFusion's progressive stage sizes (METHODS.md, DemoFusion, "Stages").
 
-    ``S = ceil(max(H, W) / b)``; stage ``s = 1..S`` has size ``(H, W) * s / S`` rounded to the
-    nearest multiple of ``f`` (at least ``f``), and stage ``S`` is exactly ``(H, W)``. Stage 1 is
-    ordinary sampling at about the base size ``b``.
+    With ``r = max(H, W) / b``: ``S = ceil(r)`` stages; stage ``k = 1..S`` has ratio
+    ``r_k = min(k, r)`` and size ``(H, W) * r_k / r`` rounded (half up) to a multiple of ``f`` (at
+    least ``f``). So stage 1 is at the base size (long side ``b``, the target's aspect ratio) and
+    stage ``S`` is exactly ``(H, W)``; for an integer ``r`` these are the paper's ``1, 2, ..., S``
+    times the base. A stage's dilation factor (DemoFusion's dilated sampling: ``k x k``
+    sub-lattices, blur kernel ``2k - 1``) is ``ceil(r_k)``, which is ``k`` for every stage (the last
+    has ``k - 1 < r <= k``).
 
     Args:
         height, width: target size in pixels, each a multiple of ``multiple``, long side ``>= b``.
@@ -174,6 +182,7 @@ def stage_sizes(
         ``[(h_1, w_1), ..., (H, W)]`` in pixels.
 
     Raises:
+        TypeError: a size that is not an int.
         ValueError: a size not a positive multiple of ``multiple``, or a long side below ``b``.
 
     Example::
@@ -182,6 +191,8 @@ def stage_sizes(
         [(1024, 1024), (2048, 2048), (3072, 3072), (4096, 4096)]
         >>> stage_sizes(2048, 1536, 1024)
         [(1024, 768), (2048, 1536)]
+        >>> stage_sizes(1032, 1032, 1024)
+        [(1024, 1024), (1032, 1032)]
     """
     for name, value in (("base_size", base_size), ("multiple", multiple)):
         _check_positive_int(value, name)
@@ -190,15 +201,18 @@ def stage_sizes(
         if value % multiple:
             raise ValueError(f"{name} must be a multiple of {multiple} (the VAE's scale factor); "
                              f"got {value}")
-    if max(height, width) < base_size:
+    long_side = max(height, width)
+    if long_side < base_size:
         raise ValueError(f"the long side of (height, width) = ({height}, {width}) must be >= the "
                          f"model's base size {base_size}")
-    count = -(-max(height, width) // base_size)
+    count = -(-long_side // base_size)
 
     def rounded(size: int, stage: int) -> int:
-        return max(multiple, multiple * math.floor(size * stage / count / multiple + 0.5))
+        # size * r_k / r with r_k = k < r: size * k * b / long_side, exactly, rounded half up.
+        exact = Fraction(size * stage * base_size, long_side * multiple)
+        return max(multiple, multiple * math.floor(exact + Fraction(1, 2)))
 
-    sizes = [(rounded(height, s), rounded(width, s)) for s in range(1, count)]
+    sizes = [(rounded(height, k), rounded(width, k)) for k in range(1, count)]
     return [*sizes, (height, width)]
 
 
@@ -215,3 +229,24 @@ def sublattice_factor(size: Sequence[int], base: int) -> tuple[int, int]:
     """
     _check_positive_int(base, "base")
     return tuple(max(1, math.floor(side / base + 0.5)) for side in size)  # type: ignore[return-value]
+
+
+def redilation_factor(
+    factor: float, step_index: int, until_step: int | None, progressive: bool
+) -> float | None:
+    """A layer's re-dilation factor at a step: None (off) when ``step_index >= until_step``, else
+    ``factor``, or with ``progressive`` ``max(ceil(factor * (until_step - i) / until_step), 2)``
+    (METHODS.md; exact rational arithmetic on the decimal value of ``factor``).
+
+    Example:
+        >>> [redilation_factor(4, i, 35, True) for i in (0, 9, 18, 34, 35)]
+        [4.0, 3.0, 2.0, 2.0, None]
+    """
+    if until_step is not None and step_index >= until_step:
+        return None
+    if not progressive:
+        return float(factor)
+    if until_step is None:
+        raise ValueError("the progressive schedule needs until_step")
+    exact = Fraction(str(factor)) * (until_step - step_index) / until_step
+    return float(max(math.ceil(exact), 2))

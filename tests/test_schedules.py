@@ -105,9 +105,12 @@ def test_apt_default_eta_table_interpolation_and_clamping():
         (1024, 1024, 1024, [(1024, 1024)]),
         (2048, 1536, 1024, [(1024, 768), (2048, 1536)]),
         (1024, 2048, 1024, [(512, 1024), (1024, 2048)]),
-        (3000, 2000, 1024, [(1000, 664), (2000, 1336), (3000, 2000)]),
+        (3000, 2000, 1024, [(1024, 680), (2048, 1368), (3000, 2000)]),
         (1536, 1536, 512, [(512, 512), (1024, 1024), (1536, 1536)]),
-        (1032, 1032, 1024, [(520, 520), (1032, 1032)]),
+        # Just above a multiple of the base: stage 1 at the base size, not far below it.
+        (1032, 1032, 1024, [(1024, 1024), (1032, 1032)]),
+        (2056, 1024, 1024, [(1024, 512), (2048, 1024), (2056, 1024)]),
+        (1544, 1032, 512, [(512, 344), (1024, 688), (1536, 1024), (1544, 1032)]),
         (4096, 512, 1024, [(1024, 128), (2048, 256), (3072, 384), (4096, 512)]),
     ],
 )
@@ -116,6 +119,7 @@ def test_stage_sizes(height, width, base, expected):
     assert sizes == expected
     assert len(sizes) == math.ceil(max(height, width) / base)
     assert all(h % 8 == 0 and w % 8 == 0 for h, w in sizes)
+    assert max(sizes[0]) == base  # stage 1: the base size, the target's aspect ratio
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,6 @@ import math
 import numbers
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 import torch
@@ -22,8 +21,9 @@ from hrkernels import ops
 from hrkernels.nn import ReDilatedConvForward, check_redilatable
 from hrkernels.patching.names import ConvSlot, conv_slots, lora_convs, resolve_convs
 from hrkernels.patching.registry import register_spec_type
+from hrkernels.schedules import redilation_factor
 
-__all__ = ["ReDilation", "redilation_factor"]
+__all__ = ["ReDilation", "redilation_factor"]  # redilation_factor: from hrkernels.schedules
 
 
 def _check_factor(name: Any, factor: Any) -> float:
@@ -152,27 +152,6 @@ class ReDilation:
     def factor_at(self, factor: float, step_index: int) -> float | None:
         """The factor a layer with ``factor`` runs with at ``step_index`` (None: off)."""
         return redilation_factor(factor, step_index, self.until_step, self.progressive)
-
-
-def redilation_factor(
-    factor: float, step_index: int, until_step: int | None, progressive: bool
-) -> float | None:
-    """A layer's re-dilation factor at a step: None (off) when ``step_index >= until_step``, else
-    ``factor``, or with ``progressive`` ``max(ceil(factor * (until_step - i) / until_step), 2)``
-    (METHODS.md; exact rational arithmetic on the decimal value of ``factor``).
-
-    Example:
-        >>> [redilation_factor(4, i, 35, True) for i in (0, 9, 18, 34, 35)]
-        [4.0, 3.0, 2.0, 2.0, None]
-    """
-    if until_step is not None and step_index >= until_step:
-        return None
-    if not progressive:
-        return float(factor)
-    if until_step is None:
-        raise ValueError("the progressive schedule needs until_step")
-    exact = Fraction(str(factor)) * (until_step - step_index) / until_step
-    return float(max(math.ceil(exact), 2))
 
 
 def _check_lora(slot: ConvSlot) -> None:
