@@ -240,7 +240,10 @@ def test_bad_names_raise_value_error(layers, dispersed, match):
         ({"layers": {"mid_block": 2}, "progressive": True}, ValueError),
         ({"layers": {"mid_block": 2}, "progressive": True, "until_step": 0}, ValueError),
         ({"layers": {"mid_block": 2}, "dispersed": {"mid_block": 1}}, ValueError),
-        ({"layers": {"mid_block": 2}, "dispersed": {"mid_block": 2.0}}, ValueError),
+        ({"layers": {"mid_block": 2}, "dispersed": {"mid_block": 2.0}}, TypeError),
+        ({"layers": {"mid_block": 2}, "dispersed": {"mid_block": True}}, TypeError),
+        ({"layers": {"mid_block": 2}, "progressive": 1, "until_step": 3}, TypeError),
+        ({"layers": {"mid_block": 2}, "dispersion_eta": "0.1"}, TypeError),
         ({"layers": {"mid_block": 2}, "dispersion_eta": -1.0}, ValueError),
     ],
 )
@@ -294,17 +297,17 @@ def test_state_dict_of_a_patched_unet_is_unchanged():
         assert {name: type(m) for name, m in unet.named_modules()} == before["classes"]
 
 
-def test_double_patch_raises_but_specs_go_together():
+def test_same_type_twice_in_one_configuration_raises():
     unet = make_unet("sdxl")
     patch(unet, ReDilation({"mid_block": 2}))
-    with pytest.raises(ValueError, match="patched already"):
+    with pytest.raises(ValueError, match="has a ReDilation in configuration 'default' already.*"
+                                         r"unpatch\(unet, ReDilation, variant='default'\)"):
         patch(unet, ReDilation({"up_blocks.0": 2}))
+    assert redilated_layers(unet) == [f"mid_block.resnets.{i}.conv{j}" for i in range(2)
+                                      for j in (1, 2)]
     unpatch(unet)
-    patch(unet, [ReDilation({"mid_block": 2}), ReDilation({"up_blocks.0": 3}, until_step=5)])
-    assert len(redilated_layers(unet)) == 4 + 7
-    unpatch(unet)
-    with pytest.raises(ValueError, match="both change 'mid_block.resnets.0.conv1'"):
-        patch(unet, [ReDilation({"mid_block": 2}), ReDilation({"mid_block.resnets.0": 3})])
+    with pytest.raises(ValueError, match="two ReDilation specs for configuration 'default'"):
+        patch(unet, [ReDilation({"mid_block": 2}), ReDilation({"up_blocks.0": 3}, until_step=5)])
     assert not is_patched(unet) and redilated_layers(unet) == []
 
 
@@ -318,6 +321,9 @@ def test_unpatch_and_set_step_of_an_unpatched_unet_raise():
         patch(unet, {"mid_block": 2})  # a mapping is not a spec
     with pytest.raises(ValueError):
         patch(unet, [])
+    with pytest.raises(TypeError, match="variant must be a str"):
+        patch(unet, SD15_1024, variant=1)
+    assert not is_patched(unet)
 
 
 def test_patched_restores_on_exception():
@@ -695,13 +701,16 @@ class ScaleOutput:
 
 class _ScaleOutputInstalled:
     def __init__(self, conv: nn.Conv2d, factor: float) -> None:
-        self.conv, self.factor = conv, factor
+        self.conv, self.factor, self.active = conv, factor, False
         original = conv.forward
-        conv.forward = lambda x: original(x) * factor
+        conv.forward = lambda x: original(x) * factor if self.active else original(x)
         self.steps: list[int] = []
 
     def set_step(self, step_index, timestep):
         self.steps.append(step_index)
+
+    def set_active(self, active):
+        self.active = active
 
     def remove(self):
         del self.conv.forward
@@ -712,7 +721,7 @@ class _ScaleOutputPlan:
         self.spec, self.unet = spec, unet
         self.targets = frozenset({"conv_out"})
 
-    def install(self):
+    def install(self, variant):
         if self.spec.fail:
             raise RuntimeError("install failed")
         return _ScaleOutputInstalled(self.unet.conv_out, self.spec.factor)
@@ -720,7 +729,7 @@ class _ScaleOutputPlan:
 
 @pytest.fixture
 def scale_output_type(monkeypatch):
-    monkeypatch.setattr(patch_registry, "_RESOLVERS", dict(patch_registry._RESOLVERS))
+    monkeypatch.setattr(patch_registry, "_SPEC_TYPES", dict(patch_registry._SPEC_TYPES))
     register_spec_type(ScaleOutput, _ScaleOutputPlan)
     register_spec_type(ScaleOutput, _ScaleOutputPlan)  # the same function again: a no-op
     yield ScaleOutput
@@ -729,19 +738,48 @@ def scale_output_type(monkeypatch):
 def test_registry_is_open(scale_output_type):
     with pytest.raises(ValueError, match="registered already"):
         register_spec_type(ScaleOutput, lambda spec, unet: None)
+    with pytest.raises(ValueError, match="registered already"):
+        register_spec_type(ScaleOutput, _ScaleOutputPlan, shares_modules=True)
     with pytest.raises(TypeError):
         register_spec_type(ScaleOutput(2.0), _ScaleOutputPlan)
+    with pytest.raises(TypeError, match="shares_modules must be True or False"):
+        register_spec_type(ScaleOutput, _ScaleOutputPlan, shares_modules=1)
     unet = make_unet("sd15")
     inputs = unet_inputs(unet)
     reference = run(unet, inputs)
     before = snapshot(unet)
     with patched(unet, [ScaleOutput(2.0), ReDilation({"mid_block": 2}, until_step=1)]):
-        installed = patch_state(unet).installed[0]
+        installed = patch_state(unet).entries[0].installed
         set_step(unet, 1)
         assert installed.steps == [0, 1]
         assert torch.equal(run(unet, inputs), reference * 2.0)
     assert_restored(unet, before)
     assert torch.equal(run(unet, inputs), reference)
+
+
+def test_two_spec_types_changing_one_module_raise(scale_output_type):
+    @dataclasses.dataclass(frozen=True)
+    class Scale2:  # another type that changes conv_out
+        factor: float
+
+    register_spec_type(Scale2, lambda spec, unet: _ScaleOutputPlan(spec, unet))
+    unet = make_unet("sd15")
+    with pytest.raises(ValueError, match=r"ReDilation \(configuration 'x'\) and ScaleOutput "
+                                         r"\(configuration 'x'\) both change 'conv_out'"):
+        patch(unet, [ReDilation({"conv_out": 2}), ScaleOutput(2.0)], variant="x")
+    assert not is_patched(unet)
+    patch(unet, ScaleOutput(2.0))
+    for variant in ("default", "base"):  # in any configuration
+        expected = (r"ScaleOutput \(configuration 'default'\) and Scale2 "
+                    rf"\(configuration '{variant}'\) both change 'conv_out'")
+        with pytest.raises(ValueError, match=expected):
+            patch(unet, Scale2(3.0), variant=variant)
+    # One type that does not share modules, in two configurations.
+    with pytest.raises(ValueError, match="cannot share a module across configurations"):
+        patch(unet, ScaleOutput(3.0), variant="base")
+    assert patch_state(unet).variants == ("default",)
+    unpatch(unet)
+    assert redilated_layers(unet) == [] and "forward" not in vars(unet.conv_out)
 
 
 def test_patch_is_atomic(scale_output_type):

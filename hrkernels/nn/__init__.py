@@ -2,7 +2,8 @@
 
 * :class:`ReDilatedConvForward`: the forward a re-dilated ``nn.Conv2d`` runs (ScaleCrafter's
   re-dilation, fractional "stretch" and dispersed convolution), installed on the instance by
-  :func:`hrkernels.patch`.
+  :func:`hrkernels.patch`; one forward per layer holds a setting per named configuration of the
+  model and runs the active one's.
 """
 
 from hrkernels.nn.conv import ReDilatedConvForward, check_redilatable

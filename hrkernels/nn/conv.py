@@ -1,22 +1,25 @@
 """The forward a re-dilated ``nn.Conv2d`` runs (ScaleCrafter's re-dilated and dispersed
-convolutions).
+convolutions), with one setting per named configuration ("variant") of the model.
 
 :class:`ReDilatedConvForward` is a small callable installed as a convolution's instance ``forward``
 (``conv.forward = ReDilatedConvForward(conv)``): the module keeps its class, its parameters and its
-``state_dict``; removing the instance attribute restores the class's forward exactly. Which dilation
-it runs is one plain Python attribute set from the host between UNet evaluations
-(:meth:`ReDilatedConvForward.set_factor`), so ``torch.compile`` guards on it: one graph per distinct
-value, never one per step.
+``state_dict``; removing the instance attribute restores the class's forward exactly.
+
+One forward serves every configuration that re-dilates the layer: it holds a setting per variant
+(dispersion, and the dilation of the current step) and runs the active variant's, or the original
+forward when no variant, or one without a dilation at this step, is active. Everything it reads
+when called is a plain Python attribute set from the host between model evaluations (the name of
+the variant that runs, a ``str``; the setting's dilation, a ``str``), so ``torch.compile`` guards on
+their values: one graph per distinct configuration, never one per step or per switch.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
 from hrkernels import ops
+from hrkernels._validate import check_bool, check_int, check_real, describe
 
 __all__ = ["ReDilatedConvForward", "check_redilatable"]
 
@@ -58,25 +61,48 @@ def check_redilatable(conv: nn.Module, name: str = "conv") -> None:
         raise ValueError(f"{name} cannot be re-dilated: {problem}")
 
 
+class _Setting:
+    """What one variant runs on a layer: its dispersion, and its dilation at the current step.
+
+    The forward reads it as ``self._settings[<variant>]``, so under ``torch.compile`` each
+    variant's attributes have their own sources and the int/float ones never change value under
+    one source (a changing number would be turned symbolic by "automatic dynamic").
+    """
+
+    def __init__(self, dispersion_scale: int | None, dispersion_eta: float) -> None:
+        self.dispersion_scale = dispersion_scale
+        self.dispersion_eta = dispersion_eta
+        # None: the original forward runs. Otherwise the dilation of the kernel that runs (the
+        # dispersed kernel's when dispersed) as the repr of a float. A str, not a float:
+        # torch.compile guards on a str's value, while a float that changes between calls is
+        # turned into a symbolic float, which the op's argument checks cannot take (and the
+        # dilation decides the kernel anyway).
+        self.dilation: str | None = None
+
+
 class ReDilatedConvForward:
-    """A convolution's forward that runs its kernel re-dilated (or dispersed) when switched on.
+    """A convolution's forward that runs its kernel re-dilated (or dispersed) in the variants
+    (named configurations) that ask for it, and the original forward otherwise.
 
-    Installed as ``conv.forward`` (an instance attribute; :meth:`install` / :meth:`remove`). The
-    convolution is evaluated from its live ``weight`` and ``bias`` on every call, so LoRA merges or
-    any other change of the parameters is honoured; nothing is ever written to the parameters.
+    Installed as ``conv.forward`` (an instance attribute; :meth:`install` / :meth:`remove`); the
+    one installed on a layer is :meth:`installed_on`. The convolution is evaluated from its live
+    ``weight`` and ``bias`` on every call, so LoRA merges or any other change of the parameters is
+    honoured; nothing is ever written to the parameters.
 
-    * ``factor`` ``None`` (off), or ``1`` without dispersion: the forward the module had before
-      :meth:`install` runs, so the output is bitwise that of the unpatched layer.
-    * ``factor`` ``d`` without dispersion: ``hrkernels.ops.dilated_conv2d(x, weight, bias,
-      dilation=d, stride)`` (ScaleCrafter's re-dilation; fractional ``d`` is the "stretch").
-    * ``factor`` ``d`` with ``dispersion_scale`` ``s`` (ScaleCrafter's dispersed convolution): the
-      kernel is enlarged with ``hrkernels.ops.disperse_kernel(weight, s, eta)`` (``[O, I, 3, 3]`` ->
+    Each variant added with :meth:`add_variant` has its own dispersion and its own factor
+    (:meth:`set_factor`); :meth:`set_active` chooses the variant that runs. With the active
+    variant's factor:
+
+    * ``None`` (off), or ``1`` without dispersion, or no active variant: the forward the module had
+      before :meth:`install` runs, so the output is bitwise that of the unpatched layer.
+    * ``d`` without dispersion: ``hrkernels.ops.dilated_conv2d(x, weight, bias, dilation=d,
+      stride)`` (ScaleCrafter's re-dilation; fractional ``d`` is the "stretch").
+    * ``d`` with dispersion scale ``s`` (ScaleCrafter's dispersed convolution): the kernel is
+      enlarged with ``hrkernels.ops.disperse_kernel(weight, s, eta)`` (``[O, I, 3, 3]`` ->
       ``[O, I, 5, 5]`` for ``s = 2``) and run with dilation ``d / s``, which must be ``>= 1``.
 
     Args:
         conv: the convolution (see :func:`check_redilatable`).
-        dispersion_scale: ``None``, or the integer scale ``s >= 2`` of the dispersed kernel.
-        dispersion_eta: weight of the pixel-level calibration term of the dispersion (``eta``).
         name: the layer's name in the model, for error messages.
 
     Input/output: ``x`` ``[B, C_in, H, W]`` in the layer's dtype; output ``[B, C_out, H', W']``
@@ -85,77 +111,155 @@ class ReDilatedConvForward:
     Example:
         >>> conv = torch.nn.Conv2d(4, 8, 3, padding=1)
         >>> forward = ReDilatedConvForward(conv)
+        >>> forward.add_variant("default")
+        >>> forward.add_variant("base", dispersion_scale=2)
+        >>> forward.set_factor("default", 2)  # dilation 2
+        >>> forward.set_factor("base", 4)  # the dispersed 5x5 kernel at dilation 4 / 2
         >>> forward.install()
-        >>> forward.set_factor(2)
+        >>> forward.set_active("default", True)
         >>> tuple(conv(torch.randn(1, 4, 16, 16)).shape)
         (1, 8, 16, 16)
+        >>> forward.set_active("base", True)  # "base" runs now
+        >>> forward.dilation
+        2.0
         >>> forward.remove()
     """
 
-    def __init__(
-        self,
-        conv: nn.Conv2d,
-        dispersion_scale: int | None = None,
-        dispersion_eta: float = 0.05,
-        name: str = "conv",
-    ) -> None:
+    def __init__(self, conv: nn.Conv2d, name: str = "conv") -> None:
         check_redilatable(conv, name)
-        if dispersion_scale is not None and (
-            isinstance(dispersion_scale, bool)
-            or not isinstance(dispersion_scale, int)
-            or dispersion_scale < 2
-        ):
-            raise ValueError(
-                f"dispersion scale of {name} must be None or an int >= 2; got {dispersion_scale!r}"
-            )
         self.conv = conv
         self.name = name
-        self.dispersion_scale = dispersion_scale
-        self.dispersion_eta = float(dispersion_eta)
         self.stride = int(conv.stride[0])
-        # The only state the forward reads: None runs the original forward, otherwise the dilation
-        # of the kernel that runs (the dispersed kernel's when dispersed) as the repr of a float.
-        # A str, not a float: torch.compile guards on a str's value, while a float attribute that
-        # changes between calls is turned into a symbolic float ("automatic dynamic"), which the
-        # op's argument checks cannot take (and the dilation decides the kernel anyway).
-        self._dilation: str | None = None
+        self._settings: dict[str, _Setting] = {}
+        # The variant set_active chose (None: none), and the one whose dilation runs now: the
+        # active variant if it has a dilation at this step, else None. The forward reads only the
+        # latter, so every configuration in which the layer runs its original forward shares one
+        # compiled graph.
+        self._active: str | None = None
+        self._running: str | None = None
         self._installed = False
         self._original_forward = None
         self._had_instance_forward = False
         self._previous_instance_forward = None
 
-    # -- per-step state ---------------------------------------------------------------------------
+    @classmethod
+    def installed_on(cls, conv: nn.Module) -> ReDilatedConvForward | None:
+        """The :class:`ReDilatedConvForward` that is ``conv``'s ``forward`` now, or None."""
+        forward = conv.__dict__.get("forward")
+        return forward if isinstance(forward, cls) else None
+
+    # -- variants ---------------------------------------------------------------------------------
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The variants added (and not removed), in the order they were added."""
+        return tuple(self._settings)
+
+    def _setting(self, variant: str) -> _Setting:
+        setting = self._settings.get(variant)
+        if setting is None:
+            known = ", ".join(repr(name) for name in self._settings) or "none"
+            raise ValueError(f"{self.name} has no variant {variant!r} (its variants: {known})")
+        return setting
+
+    def add_variant(
+        self, variant: str, dispersion_scale: int | None = None, dispersion_eta: float = 0.05
+    ) -> None:
+        """Add a variant that re-dilates this layer, switched off (factor None) and inactive.
+
+        Args:
+            variant: its name.
+            dispersion_scale: ``None``, or the integer scale ``s >= 2`` of the dispersed kernel.
+            dispersion_eta: weight of the pixel-level calibration term of the dispersion
+                (``eta``), ``>= 0``.
+
+        Raises:
+            TypeError: ``variant`` is not a str, or a dispersion argument has the wrong type.
+            ValueError: the variant exists already, or a dispersion argument is out of range.
+        """
+        if not isinstance(variant, str):
+            raise TypeError(f"variant must be a str; got {describe(variant)}")
+        if variant in self._settings:
+            raise ValueError(f"{self.name} has a variant {variant!r} already")
+        if dispersion_scale is not None:
+            dispersion_scale = check_int(
+                dispersion_scale, f"the dispersion scale of {self.name}", minimum=2
+            )
+        dispersion_eta = check_real(dispersion_eta, "dispersion_eta", minimum=0)
+        self._settings[variant] = _Setting(dispersion_scale, dispersion_eta)
+
+    def remove_variant(self, variant: str) -> None:
+        """Forget a variant (if it was active, no variant is active afterwards).
+
+        Raises:
+            ValueError: the layer has no such variant.
+        """
+        self._setting(variant)
+        del self._settings[variant]
+        if self._active == variant:
+            self._active = None
+        self._update_running()
+
+    def set_factor(self, variant: str, factor: float | None) -> None:
+        """Switch the variant's re-dilation off (``None``) or on with factor ``factor >= 1``.
+
+        With dispersion the dispersed kernel then runs at dilation ``factor / dispersion_scale``.
+
+        Raises:
+            TypeError: ``factor`` is not None or a real number.
+            ValueError: no such variant, ``factor < 1``, or ``factor / dispersion_scale < 1``
+                when dispersed.
+        """
+        setting = self._setting(variant)
+        if factor is None:
+            setting.dilation = None
+        else:
+            factor = check_real(factor, f"the re-dilation factor of {self.name}", minimum=1)
+            scale = setting.dispersion_scale
+            if scale is None:
+                setting.dilation = None if factor == 1.0 else repr(factor)
+            elif factor / scale < 1.0:
+                raise ValueError(
+                    f"{self.name} is dispersed with scale {scale} in variant {variant!r}, so its "
+                    f"re-dilation factor must be >= {scale}; got {factor}"
+                )
+            else:
+                setting.dilation = repr(factor / scale)
+        self._update_running()
+
+    def set_active(self, variant: str, active: bool) -> None:
+        """Make ``variant`` the one that runs (``active=True``), or stop it if it is the one that
+        runs (``active=False``; then the original forward runs). Deactivating a variant that is
+        not the active one changes nothing, so the order in which the variants of a switch are
+        told does not matter.
+
+        Raises:
+            ValueError: the layer has no such variant.
+        """
+        self._setting(variant)
+        if check_bool(active, "active"):
+            self._active = variant
+        elif self._active == variant:
+            self._active = None
+        self._update_running()
+
+    @property
+    def active_variant(self) -> str | None:
+        """The variant :meth:`set_active` made active, or None."""
+        return self._active
+
+    def _update_running(self) -> None:
+        active = self._active
+        runs = active is not None and self._settings[active].dilation is not None
+        self._running = active if runs else None
 
     @property
     def dilation(self) -> float | None:
         """The dilation the layer's kernel (the dispersed one, when dispersed) runs with now, or
         None when the original forward runs."""
-        return None if self._dilation is None else float(self._dilation)
-
-    def set_factor(self, factor: float | None) -> None:
-        """Switch re-dilation off (``None``) or on with re-dilation factor ``factor >= 1``.
-
-        With dispersion the dispersed kernel then runs at dilation ``factor / dispersion_scale``.
-
-        Raises:
-            ValueError: ``factor < 1``, or ``factor / dispersion_scale < 1`` when dispersed.
-        """
-        if factor is None:
-            self._dilation = None
-            return
-        factor = float(factor)
-        if not (math.isfinite(factor) and factor >= 1.0):
-            raise ValueError(f"re-dilation factor of {self.name} must be >= 1; got {factor}")
-        if self.dispersion_scale is None:
-            self._dilation = None if factor == 1.0 else repr(factor)
-            return
-        dilation = factor / self.dispersion_scale
-        if dilation < 1.0:
-            raise ValueError(
-                f"{self.name} is dispersed with scale {self.dispersion_scale}, so its re-dilation "
-                f"factor must be >= {self.dispersion_scale}; got {factor}"
-            )
-        self._dilation = repr(dilation)
+        if self._running is None:
+            return None
+        return float(self._settings[self._running].dilation)
 
     # -- installing -------------------------------------------------------------------------------
 
@@ -172,7 +276,7 @@ class ReDilatedConvForward:
 
         Raises:
             RuntimeError: it is installed already, or the layer already runs another
-                :class:`ReDilatedConvForward` (the layer would be re-dilated twice).
+                :class:`ReDilatedConvForward` (add a variant to that one instead).
         """
         current = self.conv.__dict__.get("forward")
         if self._installed:
@@ -215,18 +319,21 @@ class ReDilatedConvForward:
     # -- the forward ------------------------------------------------------------------------------
 
     def __call__(self, input: torch.Tensor) -> torch.Tensor:
-        dilation = self._dilation
-        if dilation is None:
+        running = self._running
+        if running is None:
             return self._original_forward(input)
+        setting = self._settings[running]
         weight = self.conv.weight
-        if self.dispersion_scale is not None:
-            weight = ops.disperse_kernel(weight, self.dispersion_scale, self.dispersion_eta)
+        if setting.dispersion_scale is not None:
+            weight = ops.disperse_kernel(weight, setting.dispersion_scale, setting.dispersion_eta)
         return ops.dilated_conv2d(
-            input, weight, self.conv.bias, dilation=float(dilation), stride=self.stride
+            input, weight, self.conv.bias, dilation=float(setting.dilation), stride=self.stride
         )
 
     def __repr__(self) -> str:
-        dispersed = (
-            "" if self.dispersion_scale is None else f", dispersion_scale={self.dispersion_scale}"
+        settings = ", ".join(
+            f"{variant!r}: dilation {setting.dilation}"
+            + ("" if setting.dispersion_scale is None else f", scale {setting.dispersion_scale}")
+            for variant, setting in self._settings.items()
         )
-        return f"ReDilatedConvForward({self.name}, dilation={self.dilation}{dispersed})"
+        return f"ReDilatedConvForward({self.name}, active={self._active!r}, {{{settings}}})"

@@ -4,34 +4,32 @@ See METHODS.md (ScaleCrafter). The spec picks convolution layers by block or lay
 each a re-dilation factor; :func:`hrkernels.patch` installs
 :class:`hrkernels.nn.ReDilatedConvForward` on each of them, and :func:`hrkernels.set_step`
 switches them per step.
+
+ReDilation shares modules across configurations: a layer re-dilated by ReDilations in several
+configurations (ScaleCrafter's main and noise-damped "base" UNets) has one forward, which holds a
+setting per configuration (``ReDilatedConvForward.add_variant``) and runs the active one's. Each
+installed ReDilation adds its configuration to the forwards of its layers (creating and installing
+a forward where a layer has none), sets its factors there per step, and on removal takes its
+configuration out again (removing a forward once no configuration is left in it).
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from hrkernels import ops
+from hrkernels._validate import check_bool, check_int, check_real
 from hrkernels.nn import ReDilatedConvForward, check_redilatable
 from hrkernels.patching.names import ConvSlot, conv_slots, lora_convs, resolve_convs
 from hrkernels.patching.registry import register_spec_type
 from hrkernels.schedules import redilation_factor
 
 __all__ = ["ReDilation", "redilation_factor"]  # redilation_factor: from hrkernels.schedules
-
-
-def _check_factor(name: Any, factor: Any) -> float:
-    if isinstance(factor, bool) or not isinstance(factor, numbers.Real):
-        raise TypeError(f"the factor of {name!r} must be a real number; got {factor!r}")
-    if not math.isfinite(factor) or factor < 1:
-        raise ValueError(f"the factor of {name!r} must be finite and >= 1; got {factor!r}")
-    return factor
 
 
 class _FrozenMapping(Mapping):
@@ -91,6 +89,11 @@ class ReDilation:
     the weight. Adapters are found when :func:`hrkernels.patch` and :func:`hrkernels.set_step` run;
     DoRA and other LoRA variants (which convolve with the base layer's own padding) are refused.
 
+    Configurations: ReDilations installed into different configurations
+    (``hrkernels.patch(unet, spec, variant="base")``) may re-dilate the same layers, each with its
+    own factors, dispersion and ``until_step``; the layer runs the active configuration's (see
+    :func:`hrkernels.patching.variant`).
+
     Raises (when created):
         TypeError / ValueError: a factor, scale, ``until_step`` or ``dispersion_eta`` of the wrong
             type or out of range, ``progressive`` without ``until_step``, or an empty ``layers``.
@@ -115,16 +118,11 @@ class ReDilation:
         for name, factor in self.layers.items():
             if not isinstance(name, str):
                 raise TypeError(f"layer names must be strings; got {name!r}")
-            layers[name] = _check_factor(name, factor)
+            layers[name] = check_real(factor, f"the factor of {name!r}", minimum=1)
         object.__setattr__(self, "layers", _FrozenMapping(layers))
-        if self.until_step is not None and (
-            isinstance(self.until_step, bool) or not isinstance(self.until_step, int)
-        ):
-            raise TypeError(f"until_step must be None or an int; got {self.until_step!r}")
-        if self.until_step is not None and self.until_step < 0:
-            raise ValueError(f"until_step must be >= 0; got {self.until_step}")
-        if not isinstance(self.progressive, bool):
-            raise TypeError(f"progressive must be a bool; got {self.progressive!r}")
+        if self.until_step is not None:
+            check_int(self.until_step, "until_step", minimum=0)
+        check_bool(self.progressive, "progressive")
         if self.progressive and not self.until_step:
             raise ValueError(
                 "progressive=True needs until_step >= 1 (the schedule's tau); "
@@ -138,16 +136,9 @@ class ReDilation:
             for name, scale in self.dispersed.items():
                 if not isinstance(name, str):
                     raise TypeError(f"dispersed layer names must be strings; got {name!r}")
-                if isinstance(scale, bool) or not isinstance(scale, int) or scale < 2:
-                    raise ValueError(f"the dispersion scale of {name!r} must be an int >= 2; "
-                                     f"got {scale!r}")
-                dispersed[name] = scale
+                dispersed[name] = check_int(scale, f"the dispersion scale of {name!r}", minimum=2)
             object.__setattr__(self, "dispersed", _FrozenMapping(dispersed))
-        eta = self.dispersion_eta
-        if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
-            raise TypeError(f"dispersion_eta must be a real number; got {eta!r}")
-        if not math.isfinite(eta) or eta < 0:
-            raise ValueError(f"dispersion_eta must be finite and >= 0; got {eta!r}")
+        check_real(self.dispersion_eta, "dispersion_eta", minimum=0)
 
     def factor_at(self, factor: float, step_index: int) -> float | None:
         """The factor a layer with ``factor`` runs with at ``step_index`` (None: off)."""
@@ -169,14 +160,16 @@ def _check_lora(slot: ConvSlot) -> None:
 
 @dataclass
 class _Layer:
-    """One selected convolution layer and the forwards installed on it."""
+    """One selected convolution layer and the forwards one installed ReDilation set there."""
 
     slot: ConvSlot
     parent: nn.Module  # the module that holds the layer, as ``parent.<attribute>``
     attribute: str
     factor: float
     dispersion_scale: int | None
-    forwards: list[ReDilatedConvForward]  # the base convolution's, then the lora_A convolutions'
+    # The forwards that hold this configuration's setting: the base convolution's, then the
+    # lora_A convolutions' (shared with the other configurations that re-dilate the layer).
+    forwards: list[ReDilatedConvForward] = field(default_factory=list)
 
     def refresh_lora(self) -> None:
         """Follow peft: find the LoRA layer that wraps the convolution now (adapters may have been
@@ -191,6 +184,16 @@ class _Layer:
         if lora is not self.slot.lora:
             self.slot = ConvSlot(self.slot.name, self.slot.conv, lora)
 
+    def convs(self) -> dict[str, nn.Conv2d]:
+        """The convolutions the layer runs, by name: its base convolution and the ``lora_A``
+        convolutions of its adapters (re-dilated alike; see :func:`lora_convs`)."""
+        self.refresh_lora()
+        _check_lora(self.slot)
+        convs = {self.slot.name: self.slot.conv}
+        for adapter, conv in lora_convs(self.slot).items():
+            convs[f"{self.slot.name}.lora_A.{adapter}"] = conv
+        return convs
+
 
 class _ReDilationPlan:
     """A :class:`ReDilation` resolved against a UNet: which layers, which factors."""
@@ -200,13 +203,11 @@ class _ReDilationPlan:
         self.layers = layers
         self.targets = frozenset(layer.slot.name for layer in layers)
 
-    def install(self) -> _InstalledReDilation:
-        installed = _InstalledReDilation(self.spec, self.layers)
+    def install(self, variant: str) -> _InstalledReDilation:
+        installed = _InstalledReDilation(self.spec, variant, self.layers)
         try:
             for layer in self.layers:
-                installed.add_lora_forwards(layer)
-                for forward in layer.forwards:
-                    forward.install()
+                installed.attach(layer)
         except BaseException:
             installed.remove()
             raise
@@ -214,42 +215,55 @@ class _ReDilationPlan:
 
 
 class _InstalledReDilation:
-    """The re-dilated forwards of one :class:`ReDilation` on a UNet."""
+    """One :class:`ReDilation` installed into one configuration: its setting in the forwards of
+    its layers."""
 
-    def __init__(self, spec: ReDilation, layers: list[_Layer]) -> None:
+    def __init__(self, spec: ReDilation, variant: str, layers: list[_Layer]) -> None:
         self.spec = spec
+        self.variant = variant
         self.layers = layers
+        self.active = False
 
-    def add_lora_forwards(self, layer: _Layer) -> list[ReDilatedConvForward]:
-        """Create (not install) forwards for the ``lora_A`` convolutions of the layer's adapters
-        that have none yet."""
-        layer.refresh_lora()
-        _check_lora(layer.slot)
-        added = []
-        for adapter, conv in lora_convs(layer.slot).items():
-            if not any(forward.conv is conv for forward in layer.forwards):
-                name = f"{layer.slot.name}.lora_A.{adapter}"
-                forward = ReDilatedConvForward(
-                    conv, layer.dispersion_scale, self.spec.dispersion_eta, name=name
-                )
-                layer.forwards.append(forward)
-                added.append(forward)
-        return added
+    def attach(self, layer: _Layer) -> None:
+        """Add this configuration to the forwards of the layer's convolutions that lack it (the
+        layer's adapters may have changed since the last call), creating and installing a forward
+        on a convolution that has none."""
+        for name, conv in layer.convs().items():
+            if any(forward.conv is conv for forward in layer.forwards):
+                continue
+            forward = ReDilatedConvForward.installed_on(conv)
+            if forward is None:
+                forward = ReDilatedConvForward(conv, name)
+            forward.add_variant(self.variant, layer.dispersion_scale, self.spec.dispersion_eta)
+            layer.forwards.append(forward)
+            if not forward.installed:
+                forward.install()
+            forward.set_active(self.variant, self.active)
 
     def set_step(self, step_index: int, timestep: Any) -> None:
         for layer in self.layers:
-            for forward in self.add_lora_forwards(layer):
-                forward.install()
+            self.attach(layer)
             factor = self.spec.factor_at(layer.factor, step_index)
             for forward in layer.forwards:
-                forward.set_factor(factor)
+                forward.set_factor(self.variant, factor)
+
+    def set_active(self, active: bool) -> None:
+        self.active = active
+        for layer in self.layers:
+            for forward in layer.forwards:
+                forward.set_active(self.variant, active)
 
     def remove(self) -> None:
-        forwards = [f for layer in self.layers for f in layer.forwards if f.installed]
+        forwards = [forward for layer in self.layers for forward in layer.forwards]
         for forward in forwards:
-            forward.check_removable()
+            if forward.variants == (self.variant,):  # the last configuration: it goes
+                forward.check_removable()
         for forward in reversed(forwards):
-            forward.remove()
+            forward.remove_variant(self.variant)
+            if not forward.variants:
+                forward.remove()
+        for layer in self.layers:
+            layer.forwards.clear()
 
 
 def _select(
@@ -294,15 +308,13 @@ def _resolve(spec: ReDilation, model: nn.Module) -> _ReDilationPlan:
                         f"step {step}"
                     )
         parent_name, _, attribute = layer_name.rpartition(".")
-        forward = ReDilatedConvForward(slot.conv, scale, spec.dispersion_eta, name=layer_name)
         layers.append(
             _Layer(
                 slot=slot,
                 parent=model.get_submodule(parent_name),
                 attribute=attribute,
-                factor=float(factor),
+                factor=factor,
                 dispersion_scale=scale,
-                forwards=[forward],
             )
         )
     for kernel_size, scale in {(layer.slot.conv.kernel_size[0], layer.dispersion_scale)
@@ -313,4 +325,4 @@ def _resolve(spec: ReDilation, model: nn.Module) -> _ReDilationPlan:
     return _ReDilationPlan(spec, layers)
 
 
-register_spec_type(ReDilation, _resolve)
+register_spec_type(ReDilation, _resolve, shares_modules=True)
