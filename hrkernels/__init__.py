@@ -1,9 +1,11 @@
 """hrkernels: fused Triton kernels for tuning-free high-resolution diffusion.
 
 Layers (each imports only from the ones above it): ``hrkernels.ops`` (torch.library ops over Triton
-kernels with PyTorch references), ``hrkernels.nn``, ``hrkernels.patching``, ``hrkernels.schedules``,
-``hrkernels.samplers``, ``hrkernels.vae``, and the ``hrkernels`` command line (``hrkernels.cli``).
-See DESIGN.md in the repository for the conventions.
+kernels with PyTorch references), ``hrkernels.schedules`` (per-step math), ``hrkernels.nn``,
+``hrkernels.patching`` (reversible UNet patches: ``patch``, ``unpatch``, ``set_step``,
+``variant``), ``hrkernels.vae``, ``hrkernels.samplers`` (DemoFusion and APT today; ScaleCrafter,
+FreeScale and MegaFusion are planned) and the ``hrkernels`` command line (``hrkernels.cli``). See
+docs/DESIGN.md in the repository for the conventions and docs/METHODS.md for the algorithms.
 """
 
 __version__ = "0.1.0"
@@ -15,14 +17,17 @@ from hrkernels.patching import (  # noqa: E402
     patch,
     patched,
     set_step,
+    set_variant,
     unpatch,
+    variant,
 )
 
 __all__ = ["__version__", "ops"]
-__all__ += ["ReDilation", "is_patched", "patch", "patched", "set_step", "unpatch"]
+__all__ += ["ReDilation", "is_patched", "patch", "patched", "set_step", "set_variant", "unpatch",
+            "variant"]
 
-# Imported on first use (`hrkernels.samplers` pulls in diffusers).
-_LAZY_SUBMODULES = ("samplers", "schedules")
+# Imported on first use (`hrkernels.samplers` and `hrkernels.vae` pull in diffusers).
+_LAZY_SUBMODULES = ("samplers", "schedules", "vae")
 
 
 def __getattr__(name: str):

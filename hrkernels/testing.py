@@ -24,17 +24,15 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
-    UniPCMultistepScheduler,
 )
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from hrkernels.samplers.schedulers import SCHEDULERS
 
 __all__ = ["random_pipeline", "tiny_pipeline"]
 
@@ -42,12 +40,6 @@ _Pipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
 
 _KINDS = ("sd15", "sdxl")
 
-_SCHEDULER_CLASSES: dict[str, type[SchedulerMixin]] = {
-    "ddim": DDIMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "dpm": DPMSolverMultistepScheduler,
-    "unipc": UniPCMultistepScheduler,
-}
 
 # Scheduler configs as shipped with the checkpoints (runwayml/stable-diffusion-v1-5,
 # stabilityai/stable-diffusion-xl-base-1.0). The keys the class does not use are kept on purpose:
@@ -394,8 +386,9 @@ def tiny_pipeline(
         seed: seed of the weight initialisation.
         dtype: floating dtype of every module.
         device: device of every module.
-        scheduler: ``None`` keeps the checkpoint's scheduler; ``"ddim"``, ``"euler"``, ``"dpm"``
-            (DPM-Solver++ multistep) or ``"unipc"`` swaps in that class built with
+        scheduler: ``None`` keeps the checkpoint's scheduler; a name of
+            :data:`hrkernels.samplers.schedulers.SCHEDULERS` (``"ddim"``, ``"euler"``, ``"dpm"``:
+            DPM-Solver++ multistep, ``"unipc"``, ``"pndm"``) swaps in that class built with
             ``from_config(pipe.scheduler.config)``, as users do with real checkpoints.
 
     Returns:
@@ -412,9 +405,9 @@ def tiny_pipeline(
         (1, 4, 8, 8)
     """
     _check_arguments(kind, dtype)
-    if scheduler is not None and scheduler not in _SCHEDULER_CLASSES:
+    if scheduler is not None and scheduler not in SCHEDULERS:
         raise ValueError(
-            f"scheduler must be None or one of {tuple(_SCHEDULER_CLASSES)}, got {scheduler!r}"
+            f"scheduler must be None or one of {tuple(SCHEDULERS)}, got {scheduler!r}"
         )
     text_configs = (
         {**_CLIP_VIT_L_CONFIG, **_TINY_TEXT_OVERRIDES},
@@ -429,7 +422,7 @@ def tiny_pipeline(
         init_device=torch.device("cpu"),
     )
     if scheduler is not None:
-        pipe.scheduler = _SCHEDULER_CLASSES[scheduler].from_config(pipe.scheduler.config)
+        pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
     _cast(pipe, device, dtype)
     return pipe
 

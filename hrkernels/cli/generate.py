@@ -15,18 +15,22 @@ Example::
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from pathlib import Path
 from typing import Any
 
+from hrkernels.cli import DTYPES, default_device, resolve_dtype
+
+NAME = "generate"
+HELP = "generate a high-resolution image"
 TINY_MODELS = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl"}
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-SCHEDULERS = ("ddim", "euler", "dpm", "unipc")
 
 
-def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``generate`` options to ``parser`` (the ``generate`` subcommand's parser)."""
     from hrkernels.samplers import SAMPLERS
+    from hrkernels.samplers.schedulers import SCHEDULERS
 
     parser.add_argument("--model", required=True,
                         help="a diffusers SD 1.5/2.x or SDXL pipeline (path or hub id), or "
@@ -50,8 +54,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output image file (.png); several images get _1, _2, ... suffixes")
     parser.add_argument("--previews", type=Path, default=None,
                         help="directory for every stage's decoded preview (stage_<s>_<h>x<w>.png)")
-    parser.add_argument("--scheduler", choices=SCHEDULERS, default=None,
-                        help="replace the pipeline's scheduler (built from its config)")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
+                        help="sample with this scheduler class, built from the pipeline's "
+                             "scheduler config (default: the method's choice)")
     parser.add_argument("--view-batch-size", default="auto",
                         help='views per UNet call, or "auto" (default)')
     parser.add_argument("--device", default=None,
@@ -60,32 +65,19 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model dtype (default: fp16 on a GPU, fp32 on a CPU)")
 
 
-def load_pipeline(model: str, device: str, dtype: Any, scheduler: str | None = None) -> Any:
-    """The pipeline named by ``--model`` on ``device`` in ``dtype``, optionally with another
-    scheduler class built from its scheduler's config."""
-    from diffusers import (
-        DDIMScheduler,
-        DiffusionPipeline,
-        DPMSolverMultistepScheduler,
-        EulerDiscreteScheduler,
-        UniPCMultistepScheduler,
-    )
+def load_pipeline(model: str, device: str, dtype: Any) -> Any:
+    """The pipeline named by ``--model`` on ``device`` in ``dtype``."""
+    from diffusers import DiffusionPipeline
 
-    from hrkernels.samplers._core import check_pipeline
+    from hrkernels.samplers.pipelines import adapter_for
 
     if model in TINY_MODELS:
         from hrkernels.testing import tiny_pipeline
 
-        pipe = tiny_pipeline(TINY_MODELS[model], dtype=dtype, device=device)
-    else:
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
-        check_pipeline(pipe, "hrkernels generate")
-        pipe = pipe.to(device)
-    if scheduler is not None:
-        classes = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
-                   "dpm": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}
-        pipe.scheduler = classes[scheduler].from_config(pipe.scheduler.config)
-    return pipe
+        return tiny_pipeline(TINY_MODELS[model], dtype=dtype, device=device)
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    adapter_for(pipe, "hrkernels generate")
+    return pipe.to(device)
 
 
 def _output_paths(out: Path, count: int) -> list[Path]:
@@ -94,28 +86,40 @@ def _output_paths(out: Path, count: int) -> list[Path]:
     return [out.with_name(f"{out.stem}_{index}{out.suffix}") for index in range(1, count + 1)]
 
 
-def run_generate(args: argparse.Namespace) -> int:
+def _sampler_options(args: argparse.Namespace, sampler: type) -> dict[str, Any]:
+    """The constructor options of the command line (raises ValueError for a bad one)."""
+    from hrkernels.samplers.schedulers import SCHEDULERS
+
+    options: dict[str, Any] = {"view_batch_size": args.view_batch_size}
+    if args.view_batch_size != "auto":
+        try:
+            options["view_batch_size"] = int(args.view_batch_size)
+        except ValueError:
+            raise ValueError(f'--view-batch-size must be "auto" or an int; got '
+                             f"{args.view_batch_size!r}") from None
+    if args.scheduler is not None:
+        if "scheduler" not in inspect.signature(sampler).parameters:
+            raise ValueError(f"--scheduler: {args.method} samples with its own scheduler "
+                             f"({sampler.default_scheduler.__name__}); drop --scheduler")
+        options["scheduler"] = SCHEDULERS[args.scheduler]
+    return options
+
+
+def run(args: argparse.Namespace) -> int:
     """Run ``hrkernels generate``; returns the exit status (0, or 2 for a bad argument)."""
     import torch
 
     from hrkernels.samplers import SAMPLERS
-    from hrkernels.samplers._core import base_latent_size, vae_scale_factor
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")])
-    view_batch_size: int | str = args.view_batch_size
-    if view_batch_size != "auto":
-        try:
-            view_batch_size = int(view_batch_size)
-        except ValueError:
-            print(f'hrkernels generate: --view-batch-size must be "auto" or an int; got '
-                  f"{args.view_batch_size!r}", file=sys.stderr)
-            return 2
+    device = default_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    sampler_class = SAMPLERS[args.method]
     try:
-        pipe = load_pipeline(args.model, device, dtype, args.scheduler)
-        base = base_latent_size(pipe) * vae_scale_factor(pipe)
+        options = _sampler_options(args, sampler_class)
+        pipe = load_pipeline(args.model, device, dtype)
+        sampler = sampler_class(pipe, **options)
+        base = sampler.adapter.base_size
         height, width = args.height or 2 * base, args.width or 2 * base
-        sampler = SAMPLERS[args.method](pipe, view_batch_size=view_batch_size)
         generator = torch.Generator(device=device).manual_seed(args.seed)
         output = sampler(prompt=args.prompt, negative_prompt=args.negative_prompt, height=height,
                          width=width, num_inference_steps=args.steps,

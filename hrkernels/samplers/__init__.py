@@ -1,8 +1,22 @@
-"""High-resolution samplers over diffusers pipelines (METHODS.md; DESIGN.md, "Samplers").
+"""High-resolution samplers over diffusers pipelines (docs/METHODS.md; docs/DESIGN.md, "Samplers").
 
 * :class:`DemoFusion` -- progressive upscaling, skip residual, dilated sampling.
 * :class:`APT` -- Adaptive Path Tracing on DemoFusion: statistical matching, scale-aware
   scheduling, shortcut.
+
+The framework they stand on (each module imports only the ones above it):
+
+* :mod:`~hrkernels.samplers.outputs` -- :class:`SamplerOutput`, :class:`StageResult`,
+  :class:`NonFiniteLatentsError`.
+* :mod:`~hrkernels.samplers.pipelines` -- one adapter per model family (SD 1.5/2.x, SDXL): prompt
+  encoding, the model call and its extra inputs, latents -> images.
+* :mod:`~hrkernels.samplers.schedulers` -- fresh schedulers per stage, noising coefficients by step,
+  step options, which schedulers keep a skip residual.
+* :mod:`~hrkernels.samplers.engine` -- fixed-shape view batches, guidance strategies (CFG,
+  noise-damped CFG, none), the executor, the one choke point for model calls.
+* :mod:`~hrkernels.samplers.stages` -- the stage loop (schedules, skip residual, ``set_step`` on a
+  patched model, callbacks, progress, the non-finite watch).
+* :mod:`~hrkernels.samplers.base` -- :class:`Sampler`, the call every method shares.
 
 Each sampler wraps a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``, is called with
 the pipeline's prompt arguments plus ``height``/``width``, and returns a :class:`SamplerOutput`.
@@ -22,23 +36,26 @@ Example::
 
 from __future__ import annotations
 
-from hrkernels.samplers._core import NonFiniteLatentsError, SamplerOutput, StageResult
 from hrkernels.samplers.apt import APT
+from hrkernels.samplers.base import Sampler
 from hrkernels.samplers.demofusion import DemoFusion
+from hrkernels.samplers.outputs import NonFiniteLatentsError, SamplerOutput, StageResult
 
-SAMPLERS: dict[str, type] = {}
+SAMPLERS: dict[str, type[Sampler]] = {}
 
 
-def register_sampler(name: str, sampler: type) -> None:
+def register_sampler(name: str, sampler: type[Sampler]) -> None:
     """Make ``sampler`` available as ``hrkernels generate --method NAME``.
 
-    ``sampler(pipe)`` must build it with default hyperparameters and calling it must accept
-    ``prompt``, ``negative_prompt``, ``height``, ``width``, ``num_inference_steps``,
-    ``guidance_scale``, ``generator``, ``output_type``, ``decode_stages`` and ``progress``.
+    ``sampler(pipe, view_batch_size=...)`` must build it with default hyperparameters, and calling
+    it must accept :meth:`Sampler.__call__`'s arguments.
 
     Raises:
+        TypeError: ``sampler`` is not a :class:`Sampler` subclass.
         ValueError: ``name`` is taken by another class.
     """
+    if not (isinstance(sampler, type) and issubclass(sampler, Sampler)):
+        raise TypeError(f"sampler must be a Sampler subclass; got {sampler!r}")
     if SAMPLERS.get(name, sampler) is not sampler:
         raise ValueError(f"sampler name {name!r} is already registered to {SAMPLERS[name]!r}")
     SAMPLERS[name] = sampler
@@ -52,6 +69,7 @@ __all__ = [
     "SAMPLERS",
     "DemoFusion",
     "NonFiniteLatentsError",
+    "Sampler",
     "SamplerOutput",
     "StageResult",
     "register_sampler",

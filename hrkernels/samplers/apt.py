@@ -1,19 +1,19 @@
-"""APT, Adaptive Path Tracing, applied to DemoFusion (METHODS.md, "APT"; papers/apt.md,
+"""APT, Adaptive Path Tracing, applied to DemoFusion (docs/METHODS.md, "APT"; papers/apt.md,
 Algorithm 1).
 
 What changes from :class:`~hrkernels.samplers.DemoFusion`:
 
-* **Sampler**: DDIM with eta = 0 (the paper's), built from the pipeline's scheduler config, for
-  every stage.
+* **Sampler**: DDIM with eta = 0 (the paper's), built from the pipeline's scheduler config (with
+  ``clip_sample=False``, whatever that config says), for every stage.
 * **Statistical matching**: after the bicubic upsampling to stage ``s``, each of the ``s_h x s_w``
   dilated sub-lattices of the latent (the stage's latent size over the base latent size, rounded
-  half up) is renormalised to the mean/std of the stage-1 latent
-  (:func:`hrkernels.ops.match_stats`; per channel with ``per_channel=True``).
+  half up: :func:`hrkernels.schedules.sublattice_factor`) is renormalised to the mean/std of the
+  stage-1 latent (:func:`hrkernels.ops.match_stats`; per channel with ``per_channel=True``).
 * **Scale-aware scheduling**: stage ``s`` has a second DDIM scheduler whose betas are
-  :func:`hrkernels.schedules.scale_aware_betas` at ``eta_s``. The local (MultiDiffusion) path steps
-  with it, the dilated (global) path with the original one, both from the same ``zh``:
-  ``z_{t-1} = c2 step_orig(eps_global, t, zh) + (1 - c2) step_eta(eps_local, t, zh)``; the stage's
-  forward noising ``z'_t`` uses the ``eta_s`` schedule.
+  :func:`hrkernels.schedules.scale_aware_betas` at the scale-aware exponent ``eta_s``. The local
+  (MultiDiffusion) path steps with it, the dilated (global) path with the original one, both from
+  the same ``zh``: ``z_{t-1} = c2 step_orig(eps_global, t, zh) + (1 - c2) step_eta(eps_local, t,
+  zh)``; the stage's forward noising ``z'_t`` uses the ``eta_s`` schedule.
 * **Shortcut**: stages ``>= 2`` run only the last ``shortcut_steps`` timesteps of the schedule,
   starting from ``z'_t`` at the first of them.
 
@@ -22,6 +22,7 @@ Randomness: as DemoFusion (DDIM with eta = 0 draws nothing in its steps).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,9 +31,16 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
 from hrkernels import ops
-from hrkernels.samplers import _core
-from hrkernels.samplers.demofusion import DemoFusion, StageSchedule, _Run
+from hrkernels._validate import check_bool, check_int, check_real
+from hrkernels.samplers.demofusion import DemoFusion
+from hrkernels.samplers.engine import Executor
+from hrkernels.samplers.schedulers import fresh_scheduler
+from hrkernels.samplers.stages import StageSchedule, global_stats, stage_schedule
 from hrkernels.schedules import apt_default_eta, scale_aware_betas, sublattice_factor
+
+__all__ = ["APT"]
+
+_UNSET = object()
 
 
 class APT(DemoFusion):
@@ -41,14 +49,17 @@ class APT(DemoFusion):
     Args:
         pipe: the pipeline (its scheduler's config supplies ``beta_start``, ``beta_end``,
             timestep spacing; the sampling itself is DDIM, eta = 0).
-        eta: the scale-aware exponent of each stage ``s >= 2``: None (default) picks it from the
-            stage's upscale factor (:func:`hrkernels.schedules.apt_default_eta`: x2 -> 2,
-            x1.5 -> 3, x4/3 -> 3.5); a number uses it for every stage; a sequence gives one per
-            stage ``2..S`` (its length must be ``S - 1``).
+        scale_aware_eta: the scale-aware exponent ``eta_s`` of each stage ``s >= 2`` (the
+            paper's eta; not DDIM's): None (default) picks it from the stage's upscale factor
+            (:func:`hrkernels.schedules.apt_default_eta`: x2 -> 2, x1.5 -> 3, x4/3 -> 3.5); a
+            number uses it for every stage; a sequence gives one per stage ``2..S`` (its length
+            must be ``S - 1``).
         shortcut_steps: ``T0``: stages ``>= 2`` run the last ``T0`` of the ``num_inference_steps``
             timesteps (default 30 of 50); None runs them all.
         per_channel: statistical matching per latent channel instead of over all channels.
-        stride, cosine_scales, sigma, view_batch_size: as :class:`DemoFusion`.
+        stride, cosine_scales, sigma, view_batch_size, executor: as :class:`DemoFusion`.
+        eta: the former name of ``scale_aware_eta`` (deprecated: it is easily confused with
+            DDIM's eta).
 
     Example::
 
@@ -57,71 +68,84 @@ class APT(DemoFusion):
     """
 
     name = "APT"
+    default_scheduler = DDIMScheduler
 
     def __init__(
         self,
         pipe: Any,
         *,
-        eta: float | Sequence[float] | None = None,
+        scale_aware_eta: float | Sequence[float] | None = None,
         shortcut_steps: int | None = 30,
         per_channel: bool = False,
         stride: int | None = None,
         cosine_scales: Sequence[float] = (3, 1, 1),
         sigma: float = 0.8,
         view_batch_size: int | str = "auto",
+        executor: Executor | None = None,
+        eta: Any = _UNSET,
     ) -> None:
         super().__init__(pipe, stride=stride, cosine_scales=cosine_scales, sigma=sigma,
-                         view_batch_size=view_batch_size)
-        if eta is not None:
-            values = list(eta) if isinstance(eta, Sequence) else [eta]
-            if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                     and v > 0 for v in values):
-                raise ValueError(f"eta must be None, a number > 0 or a sequence of numbers > 0; "
-                                 f"got {eta!r}")
-        self.eta = eta
-        if shortcut_steps is not None and (isinstance(shortcut_steps, bool)
-                                           or not isinstance(shortcut_steps, int)
-                                           or shortcut_steps < 1):
-            raise ValueError(f"shortcut_steps must be None or an int >= 1; got {shortcut_steps!r}")
-        self.shortcut_steps = shortcut_steps
-        if not isinstance(per_channel, bool):
-            raise ValueError(f"per_channel must be a bool; got {per_channel!r}")
-        self.per_channel = per_channel
+                         view_batch_size=view_batch_size, executor=executor)
+        if eta is not _UNSET:
+            warnings.warn("APT(eta=...) is renamed APT(scale_aware_eta=...) (it is the paper's "
+                          "scale-aware exponent, not DDIM's eta)", FutureWarning, stacklevel=2)
+            if scale_aware_eta is not None:
+                raise ValueError("pass scale_aware_eta only (eta is its deprecated name)")
+            scale_aware_eta = eta
+        if scale_aware_eta is not None:
+            values = (scale_aware_eta if isinstance(scale_aware_eta, Sequence)
+                      and not isinstance(scale_aware_eta, str) else [scale_aware_eta])
+            if not values:
+                raise ValueError("scale_aware_eta must not be an empty sequence")
+            for index, value in enumerate(values):
+                check_real(value, "scale_aware_eta" if len(values) == 1 else
+                           f"scale_aware_eta[{index}]", greater_than=0)
+        self.scale_aware_eta = scale_aware_eta
+        self.shortcut_steps = (None if shortcut_steps is None
+                               else check_int(shortcut_steps, "shortcut_steps", minimum=1))
+        self.per_channel = check_bool(per_channel, "per_channel")
         config = pipe.scheduler.config
         for key in ("beta_start", "beta_end", "num_train_timesteps"):
             if key not in config:
                 raise TypeError(f"APT needs a scheduler config with {key} (scale-aware betas); "
                                 f"{type(pipe.scheduler).__name__} has none")
 
-    def _check_call(self, num_stages: int, num_inference_steps: int) -> None:
-        if isinstance(self.eta, Sequence) and len(self.eta) != num_stages - 1:
-            raise ValueError(f"eta has {len(self.eta)} values but this size has {num_stages} "
-                             f"stages, so {num_stages - 1} upscaling stages (one eta each)")
+    def check_call(self, sizes: list[tuple[int, int]], num_inference_steps: int,
+                   step_options: dict[str, Any]) -> None:
+        if step_options.get("eta", 0) != 0:
+            raise ValueError("APT samples with DDIM eta = 0 (the paper's Algorithm 1); "
+                             f"step_options eta={step_options['eta']!r} is not supported (the two "
+                             "paths' stochastic steps would draw independent noise)")
+        eta = self.scale_aware_eta
+        if isinstance(eta, Sequence) and len(eta) != len(sizes) - 1:
+            raise ValueError(f"scale_aware_eta has {len(eta)} values but this size has "
+                             f"{len(sizes)} stages, so {len(sizes) - 1} upscaling stages (one "
+                             "eta each)")
 
     def stage_eta(self, stage: int, sizes: Sequence[tuple[int, int]]) -> float:
-        """``eta_s`` of stage ``stage >= 2`` for the stage sizes ``sizes`` (pixels)."""
-        if self.eta is None:
+        """``eta_s`` (the scale-aware exponent) of stage ``stage >= 2`` for the stage sizes
+        ``sizes`` (pixels)."""
+        eta = self.scale_aware_eta
+        if eta is None:
             return apt_default_eta(max(sizes[stage - 1]) / max(sizes[stage - 2]))
-        if isinstance(self.eta, Sequence):
-            return float(self.eta[stage - 2])
-        return float(self.eta)
+        if isinstance(eta, Sequence):
+            return float(eta[stage - 2])
+        return float(eta)
 
-    def _scheduler_class(self) -> type:
-        return DDIMScheduler
-
-    def _start_index(self, stage: int, num_inference_steps: int) -> int:
+    def start_index(self, stage: int, num_inference_steps: int) -> int:
         if stage == 1 or self.shortcut_steps is None:
             return 0
         return max(0, num_inference_steps - self.shortcut_steps)
 
-    def _prepare_stage_latent(self, z0: torch.Tensor, stage: int, reference: Any) -> torch.Tensor:
+    def prepare_stage_latent(self, z0: torch.Tensor, stage: int,
+                             reference: torch.Tensor) -> torch.Tensor:
         """Statistical matching of the upsampled latent ``z0`` to the stage-1 latent ``reference``.
 
         When a side of ``z0`` does not divide by its lattice factor (sizes that are not multiples of
         the base size), ``z0`` is padded by replicating its last rows/columns, matched and cropped:
         the sub-lattices holding the copies then match the reference up to those few duplicates.
         """
-        mean, std = _core.global_stats(reference, per_channel=self.per_channel)
+        mean, std = global_stats(reference, per_channel=self.per_channel)
         height, width = z0.shape[2:]
         factor = sublattice_factor((height, width), self.window)
         pad_h, pad_w = -height % factor[0], -width % factor[1]
@@ -129,28 +153,30 @@ class APT(DemoFusion):
         matched = ops.match_stats(padded, mean, std, factor=factor, per_channel=self.per_channel)
         return matched[:, :, :height, :width]
 
-    def _stage_schedule(self, stage: int, run: _Run) -> StageSchedule:
-        template, steps = self.pipe.scheduler, run.num_inference_steps
-        main = _core.fresh_scheduler(template, steps, begin_index=None,
-                                     scheduler_class=DDIMScheduler)
+    def schedule_for(self, stage: int, sizes: list[tuple[int, int]], num_inference_steps: int,
+                     device: torch.device) -> StageSchedule:
+        """DDIM; stages >= 2 add the local path's scale-aware DDIM (``"local"``), start at the
+        shortcut and noise with the scale-aware table."""
+        template, steps = self.pipe.scheduler, num_inference_steps
         if stage == 1:
-            return self._schedule_from(stage, run, {"main": main}, main, 0, {})
+            return stage_schedule(template, steps, device, scheduler_class=DDIMScheduler,
+                                  begin_index=False)
         config = template.config
-        eta = self.stage_eta(stage, run.sizes)
-        betas = scale_aware_betas(config.beta_start, config.beta_end, eta,
+        betas = scale_aware_betas(config.beta_start, config.beta_end, self.stage_eta(stage, sizes),
                                   config.num_train_timesteps).tolist()
-        local = _core.fresh_scheduler(template, steps, begin_index=None,
-                                      scheduler_class=DDIMScheduler, trained_betas=betas)
-        start = self._start_index(stage, steps)
-        return self._schedule_from(stage, run, {"main": main, "local": local}, main, start,
-                                   {"trained_betas": betas})
+        local = fresh_scheduler(template, steps, begin_index=None, scheduler_class=DDIMScheduler,
+                                trained_betas=betas)
+        return stage_schedule(template, steps, device, scheduler_class=DDIMScheduler,
+                              start=self.start_index(stage, steps), noised=True,
+                              noise_overrides={"trained_betas": betas}, extra={"local": local},
+                              begin_index=False)
 
-    def _fused_step(self, schedule: StageSchedule, step: int, eps_global: torch.Tensor,
-                    eps_local: torch.Tensor, c2: float, zh: torch.Tensor,
-                    kwargs: dict[str, Any]) -> torch.Tensor:
+    def combine_step(self, schedule: StageSchedule, step: int, eps_global: torch.Tensor,
+                     eps_local: torch.Tensor, c2: float, zh: torch.Tensor,
+                     kwargs: dict[str, Any]) -> torch.Tensor:
         """``c2 step_orig(eps_global, t, zh) + (1 - c2) step_eta(eps_local, t, zh)``."""
         timestep = schedule.timesteps[step]
-        main, local = schedule.schedulers["main"], schedule.schedulers["local"]
+        main, local = schedule.scheduler, schedule.schedulers["local"]
         stepped_global = main.step(eps_global, timestep, zh, return_dict=False, **kwargs)[0]
         stepped_local = local.step(eps_local, timestep, zh, return_dict=False, **kwargs)[0]
         return stepped_global.mul_(c2).add_(stepped_local, alpha=1.0 - c2)

@@ -3,8 +3,6 @@ scale-aware schedules, default etas, the shortcut."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -76,7 +74,7 @@ def test_statistical_matching_of_sizes_that_do_not_divide(sdxl):
     generator = torch.Generator().manual_seed(2)
     reference = torch.randn(1, 4, 16, 16, generator=generator)
     upsampled = torch.randn(1, 4, 34, 32, generator=generator) * 2 + 1
-    matched = APT(sdxl)._prepare_stage_latent(upsampled, 2, reference)
+    matched = APT(sdxl).prepare_stage_latent(upsampled, 2, reference)
     assert matched.shape == upsampled.shape
     for i in range(2):
         for j in range(2):
@@ -93,7 +91,7 @@ def test_statistical_matching_gives_every_sublattice_the_reference_stats(sdxl, p
     generator = torch.Generator().manual_seed(1)
     reference = torch.randn(2, 4, 16, 12, generator=generator) * 0.7 + 0.2
     upsampled = torch.randn(2, 4, *size, generator=generator) * 1.9 - 0.5
-    matched = APT(sdxl, per_channel=per_channel)._prepare_stage_latent(upsampled, 2, reference)
+    matched = APT(sdxl, per_channel=per_channel).prepare_stage_latent(upsampled, 2, reference)
     assert matched.shape == upsampled.shape
     ref = reference.flatten(2) if per_channel else reference.flatten(1)
     for i in range(factor[0]):
@@ -108,8 +106,10 @@ def test_default_etas_by_upscale_factor(sdxl):
     apt = APT(sdxl)
     sizes_4x = [(128, 128), (256, 256), (384, 384), (512, 512)]
     assert [apt.stage_eta(s, sizes_4x) for s in (2, 3, 4)] == [2.0, 3.0, 3.5]
-    assert APT(sdxl, eta=2.5).stage_eta(3, sizes_4x) == 2.5
-    assert APT(sdxl, eta=[1.0, 2.0, 3.0]).stage_eta(4, sizes_4x) == 3.0
+    assert APT(sdxl, scale_aware_eta=2.5).stage_eta(3, sizes_4x) == 2.5
+    assert APT(sdxl, scale_aware_eta=[1.0, 2.0, 3.0]).stage_eta(4, sizes_4x) == 3.0
+    with pytest.warns(FutureWarning, match="scale_aware_eta"):
+        assert APT(sdxl, eta=2.5).stage_eta(3, sizes_4x) == 2.5
 
 
 def test_local_path_uses_the_scale_aware_schedule(sdxl, monkeypatch):
@@ -134,9 +134,8 @@ def test_local_path_uses_the_scale_aware_schedule(sdxl, monkeypatch):
 def test_stage_schedule_shortcut_and_eta_noising(sdxl):
     # Stage 2 of a 2x run, 5 steps, shortcut 3: the last 3 DDIM timesteps; z'_t is noised with the
     # eta_2 = 2 table: add_noise(z0, noise, t) = sqrt(abar_t) z0 + sqrt(1 - abar_t) noise.
-    run = SimpleNamespace(num_inference_steps=5, device=torch.device("cpu"),
-                          sizes=[(128, 128), (256, 256)])
-    schedule = APT(sdxl, shortcut_steps=3)._stage_schedule(2, run)
+    schedule = APT(sdxl, shortcut_steps=3).schedule_for(2, [(128, 128), (256, 256)], 5,
+                                                        torch.device("cpu"))
     ddim = DDIMScheduler.from_config(sdxl.scheduler.config)
     ddim.set_timesteps(5)
     timesteps = ddim.timesteps[2:]
@@ -151,15 +150,19 @@ def test_stage_schedule_shortcut_and_eta_noising(sdxl):
 def test_bad_input(sdxl):
     with pytest.raises(TypeError, match="StableDiffusionXLPipeline"):
         APT("not a pipeline")
-    with pytest.raises(ValueError, match="eta"):
-        APT(sdxl, eta=0)
-    with pytest.raises(ValueError, match="eta"):
-        APT(sdxl, eta=[2.0, -1.0])
+    with pytest.raises(ValueError, match="scale_aware_eta"):
+        APT(sdxl, scale_aware_eta=0)
+    with pytest.raises(ValueError, match=r"scale_aware_eta\[1\]"):
+        APT(sdxl, scale_aware_eta=[2.0, -1.0])
+    with pytest.raises(TypeError, match="scale_aware_eta"):
+        APT(sdxl, scale_aware_eta="2")
     with pytest.raises(ValueError, match="shortcut_steps"):
         APT(sdxl, shortcut_steps=0)
-    with pytest.raises(ValueError, match="per_channel"):
+    with pytest.raises(TypeError, match="per_channel"):
         APT(sdxl, per_channel="yes")
     with pytest.raises(ValueError, match="2 stages"):
-        generate(APT(sdxl, eta=[2.0, 3.0]), 256, 256)
+        generate(APT(sdxl, scale_aware_eta=[2.0, 3.0]), 256, 256)
+    with pytest.raises(ValueError, match="eta = 0"):
+        generate(APT(sdxl), 256, 256, step_options={"eta": 0.5})
     with pytest.raises(ValueError, match="multiple of 8"):
         generate(APT(sdxl), 256, 250)

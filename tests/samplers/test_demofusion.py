@@ -1,22 +1,25 @@
-"""DemoFusion end to end on tiny SD 1.5 / SDXL pipelines (CPU), and the pieces of the shared core.
+"""DemoFusion end to end on tiny SD 1.5 / SDXL pipelines (CPU), and its step against METHODS.md.
 
 Tiny pipelines: SDXL base 128 px (16x16 latents), SD 1.5 base 64 px (8x8 latents); "2x" is 256 /
 128 px. The ops run their PyTorch references here (the default backend on CPU), except in the one
-test that forces the Triton kernels through the interpreter.
+test that forces the Triton kernels through the interpreter. Each generation that several tests
+look at runs once per module (``runs``).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
-from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
 
 from hrkernels import ops
 from hrkernels.samplers import SAMPLERS, DemoFusion, NonFiniteLatentsError, SamplerOutput
-from hrkernels.samplers._core import choose_view_batch, fresh_scheduler
-from hrkernels.samplers.demofusion import StageSchedule
+from hrkernels.samplers.schedulers import fresh_scheduler
+from hrkernels.samplers.stages import StageSchedule
 from hrkernels.testing import tiny_pipeline
 
 
@@ -28,14 +31,30 @@ def generate(pipe, height, width, seed=0, steps=2, sampler=None, **kwargs):
                    progress=False, **kwargs)
 
 
+@pytest.fixture(scope="module")
+def runs(sdxl, sd15, sizes):
+    """Generations shared by several tests, computed on first use."""
+    pipes = {"sdxl": sdxl, "sd15": sd15}
+    cache = {}
+
+    def get(kind, size, **kwargs):
+        key = (kind, size, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            height, width = sizes[kind][size] if isinstance(size, str) else size
+            cache[key] = generate(pipes[kind], height, width, **kwargs)
+        return cache[key]
+
+    return get
+
+
 @pytest.mark.parametrize("kind", ["sdxl", "sd15"])
 @pytest.mark.parametrize("size", ["2x", "3x", "non-square"])
-def test_stages_sizes_and_outputs(kind, size, request, sizes):
-    pipe = request.getfixturevalue(kind)
+def test_stages_sizes_and_outputs(kind, size, runs, sizes):
     height, width = sizes[kind][size]
-    base = pipe.unet.config.sample_size * 8
-    out = generate(pipe, height, width)
+    with pytest.warns(UserWarning, match="PNDMScheduler") if kind == "sd15" else _no_warning():
+        out = runs(kind, size)
     assert isinstance(out, SamplerOutput)
+    base = 128 if kind == "sdxl" else 64
     count = -(-max(height, width) // base)
     assert [(s.stage, s.height, s.width) for s in out.stages] == [
         (s, round(height * s / count / 8) * 8, round(width * s / count / 8) * 8)
@@ -56,12 +75,23 @@ def test_stages_sizes_and_outputs(kind, size, request, sizes):
         torch.testing.assert_close(stage.latents.std(), std, atol=1e-5, rtol=1e-5)
 
 
+class _no_warning:
+    """A context manager that does nothing (the SDXL pipelines' Euler keeps its sample)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 @pytest.mark.parametrize("sampler", ["demofusion", "apt"])
 @pytest.mark.parametrize("height, width, stages", [
     # 4:1 -- the stage latents are 4 to 16 wide: windows clamped to the short axis.
     (512, 128, [(128, 32), (256, 64), (384, 96), (512, 128)]),
-    # Sides that are not multiples of the base: odd latent sizes (17x33), padded dilated views.
-    (136, 264, [(48, 88), (88, 176), (136, 264)]),
+    # Sides that are not multiples of the base: stage 1 at the base size (long side 128), odd
+    # latent sizes (17x33), padded dilated views.
+    (136, 264, [(64, 128), (128, 256), (136, 264)]),
 ])
 def test_any_aspect_ratio(sdxl, sampler, height, width, stages):
     out = generate(sdxl, height, width, sampler=SAMPLERS[sampler](sdxl, view_batch_size=8))
@@ -70,38 +100,28 @@ def test_any_aspect_ratio(sdxl, sampler, height, width, stages):
     assert torch.isfinite(out.latents).all()
 
 
-def test_views_run_in_fixed_shape_batches(sdxl):
+def test_views_run_in_fixed_shape_batches(sdxl, runs):
     # 3x: stage 2 has 9 windows + 4 dilated views, stage 3 has 25 + 9 (all 16x16): one batch size
     # for both stages (13 here), the last call of a step padded; stage 1 has its own shape.
-    out = generate(sdxl, 384, 384, steps=2, sampler=DemoFusion(sdxl, view_batch_size=16))
-    assert out.unet_calls == {(2, 16, 16): 2, (26, 16, 16): 2 * 1 + 2 * 3}
+    assert runs("sdxl", "3x").unet_calls == {(2, 16, 16): 2, (26, 16, 16): 2 * 1 + 2 * 3}
     out = generate(sdxl, 384, 384, steps=2, sampler=DemoFusion(sdxl, view_batch_size=5))
     assert out.unet_calls == {(2, 16, 16): 2, (10, 16, 16): 2 * 3 + 2 * 7}
     # Non-square: windows and dilated views differ in shape.
-    out = generate(sdxl, 256, 192, steps=2)
-    assert out.unet_calls == {(2, 16, 12): 2, (12, 16, 16): 2, (8, 16, 12): 2}
+    assert runs("sdxl", "non-square").unet_calls == {(2, 16, 12): 2, (12, 16, 16): 2,
+                                                     (8, 16, 12): 2}
 
 
-def test_choose_view_batch():
-    assert choose_view_batch([13], 16) == 13
-    assert choose_view_batch([13, 34, 65], 16) == 13
-    assert choose_view_batch([13, 34], 8) == 7
-    assert choose_view_batch([3], 100) == 3
-    assert choose_view_batch([40], 1) == 1
-
-
-def test_deterministic_bitwise(sdxl):
-    first = generate(sdxl, 256, 192, seed=3)
+def test_deterministic_bitwise(sdxl, runs):
+    first = runs("sdxl", "non-square", seed=3)
     second = generate(sdxl, 256, 192, seed=3)
     assert torch.equal(first.images, second.images)
     for a, b in zip(first.stages, second.stages, strict=True):
         assert torch.equal(a.latents, b.latents)
-    other = generate(sdxl, 256, 192, seed=4)
-    assert not torch.equal(first.latents, other.latents)
+    assert not torch.equal(first.latents, runs("sdxl", "non-square").latents)
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpm", "unipc"])
-def test_schedulers(scheduler):
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpm"])
+def test_schedulers_that_keep_the_sample(scheduler):
     pipe = tiny_pipeline("sdxl", scheduler=scheduler)
     timesteps_before = copy.deepcopy(pipe.scheduler.timesteps)
     out = generate(pipe, 256, 256, steps=3)
@@ -112,9 +132,25 @@ def test_schedulers(scheduler):
                                                            timesteps_before)
 
 
-def test_pndm_scheduler_of_sd15(sd15):
-    out = generate(sd15, 128, 128, steps=3)
-    assert torch.isfinite(out.latents).all()
+def test_schedulers_that_drop_the_sample_are_replaced_by_ddim_or_refused(sd15, monkeypatch):
+    # SD 1.5's PNDM (the pipeline's own): sample with DDIM from the same config, warn once.
+    stepped = []
+    original = DDIMScheduler.step
+
+    def spy(self, *args, **kwargs):
+        stepped.append(type(self).__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DDIMScheduler, "step", spy)
+    sampler = DemoFusion(sd15, view_batch_size=16)
+    with pytest.warns(UserWarning, match="PNDMScheduler.step ignores"):
+        out = generate(sd15, 128, 128, steps=2, sampler=sampler, output_type="latent")
+    assert torch.isfinite(out.latents).all() and len(stepped) == 4
+    # UniPC asked for explicitly: an error before any model work.
+    from diffusers import UniPCMultistepScheduler
+
+    with pytest.raises(ValueError, match="UniPCMultistepScheduler.step ignores"):
+        generate(sd15, 128, 128, sampler=DemoFusion(sd15, scheduler=UniPCMultistepScheduler))
 
 
 def test_model_input_scaled_with_each_steps_own_index(sdxl, monkeypatch):
@@ -161,17 +197,75 @@ def test_fused_eps_equals_per_view_stepping(name):
     per_view = (c2 * ops.scatter_dilated(stepped_global, stage)
                 + (1 - c2) * ops.scatter_windows_mean(stepped_local, starts, (40, 36)))
 
-    schedule = StageSchedule(schedulers={"main": copy.deepcopy(scheduler)}, timesteps=[timestep],
-                             device_timesteps=torch.stack([timestep]), noise_scale=[1.0],
-                             noise_sigma=[0.0], c=[0.5])
-    fused = DemoFusion(tiny_pipeline("sdxl"))._fused_step(
+    schedule = StageSchedule(schedulers={"main": copy.deepcopy(scheduler)},
+                             indices=range(index, index + 1), timesteps=[timestep],
+                             device_timesteps=torch.stack([timestep]), c=[0.5])
+    fused = DemoFusion(tiny_pipeline("sdxl")).combine_step(
         schedule, 0, ops.scatter_dilated(eps_global, stage),
         ops.scatter_windows_mean(eps_local, starts, (40, 36)), c2, zh, {})
     torch.testing.assert_close(fused, per_view, atol=2e-5, rtol=1e-5)
 
 
-def test_output_types_and_previews(sdxl):
-    latent = generate(sdxl, 256, 192, output_type="latent")
+def _gaussian_blur(x, sigma, kernel_size):
+    """A separable Gaussian blur with zero padding, written here from its definition."""
+    offsets = torch.arange(kernel_size, dtype=torch.float64) - (kernel_size - 1) / 2
+    weights = torch.exp(-offsets**2 / (2 * sigma**2))
+    weights = (weights / weights.sum()).float()
+    channels = x.shape[1]
+    rows = weights.view(1, 1, 1, -1).expand(channels, 1, 1, kernel_size)
+    x = F.conv2d(x, rows, padding=(0, kernel_size // 2), groups=channels)
+    return F.conv2d(x, rows.transpose(2, 3), padding=(kernel_size // 2, 0), groups=channels)
+
+
+def test_one_step_of_stage_two_against_methods_md(sdxl, monkeypatch):
+    # A model whose prediction is elementwise in its input (eps = 0.3 x - 0.1) makes every view's
+    # prediction a function of the positions it covers, so the step can be written directly from
+    # METHODS.md: zh = c1 z'_t + (1 - c1) z_t; eps_local = f(zin); eps_global = f(blur(zin) matched
+    # to zin's mean/std), blur kernel 2s - 1 and std sigma * c3; eps = c2 eps_global + (1 - c2)
+    # eps_local; z_{t-1} = step(eps, t, zh). Non-default exponents, so a wrong one fails.
+    inputs = []
+
+    def model(sample, timestep, **kwargs):
+        inputs.append(sample.clone())
+        return (0.3 * sample - 0.1,)
+
+    monkeypatch.setattr(sdxl.unet, "forward", model)
+    scales, sigma, steps = (2.0, 0.5, 1.5), 1.3, 3
+    latents = []
+    sampler = DemoFusion(sdxl, cosine_scales=scales, sigma=sigma, view_batch_size=64)
+    out = sampler(prompt="a cat", height=256, width=256, num_inference_steps=steps,
+                  guidance_scale=1.0, generator=torch.Generator().manual_seed(0), progress=False,
+                  output_type="latent",
+                  callback_on_step_end=lambda stage, step, t, z: latents.append(z.clone()))
+    # The draws, in the documented order: stage 1's noise, then stage 2's.
+    generator = torch.Generator().manual_seed(0)
+    torch.randn(1, 4, 16, 16, generator=generator)
+    noise = torch.randn(1, 4, 32, 32, generator=generator)
+    z0 = F.interpolate(out.stages[0].latents, size=(32, 32), mode="bicubic", align_corners=False)
+    scheduler = fresh_scheduler(sdxl.scheduler, steps, begin_index=0)
+    a1, a2, a3 = scales
+    f = lambda x: 0.3 * x - 0.1  # noqa: E731
+    z = None
+    for step in range(steps):
+        t = scheduler.timesteps[step]
+        c = (0.5 * (1 + math.cos(math.pi * (1000 - float(t)) / 1000)))
+        c1, c2, c3 = c**a1, c**a2, 0.99 * c**a3 + 0.01
+        noised = z0 + noise * scheduler.sigmas[step]  # Euler's add_noise at step i
+        zh = noised if z is None else c1 * noised + (1 - c1) * z
+        zin = zh / (scheduler.sigmas[step] ** 2 + 1) ** 0.5
+        blurred = _gaussian_blur(zin, sigma * c3, 2 * 2 - 1)
+        blurred = (blurred - blurred.mean()) / blurred.std() * zin.std() + zin.mean()
+        eps = c2 * f(blurred) + (1 - c2) * f(zin)
+        # The model saw zh's windows and blurred's 2x2 sub-lattices (after the stage-1 calls).
+        seen = inputs[steps + step]
+        torch.testing.assert_close(seen[9:13], ops.gather_dilated(blurred, 2), atol=1e-5,
+                                   rtol=1e-5)
+        z = scheduler.step(eps, t, zh, return_dict=False)[0]
+        torch.testing.assert_close(latents[steps + step], z, atol=1e-5, rtol=1e-5)
+
+
+def test_output_types_and_previews(sdxl, runs):
+    latent = runs("sdxl", "non-square", output_type="latent")
     assert latent.images is latent.latents
     pil = generate(sdxl, 256, 192, output_type="pil", decode_stages=True)
     assert [image.size for image in pil.images] == [(192, 256)]
@@ -183,12 +277,11 @@ def test_output_types_and_previews(sdxl):
     assert sdxl.vae.use_tiling is False
 
 
-def test_prompt_embeds_without_text_encoders_and_batches(sdxl):
+def test_prompt_embeds_without_text_encoders_and_batches(sdxl, runs):
     # The benchmark path: a pipeline without text encoders, given the embeddings.
     embeds, _, pooled, _ = sdxl.encode_prompt("a photo of a cat", device="cpu",
                                               do_classifier_free_guidance=False)
-    sampler = DemoFusion(sdxl, view_batch_size=16)
-    from_text = generate(sdxl, 256, 192, sampler=sampler, output_type="latent")
+    from_text = runs("sdxl", "non-square", output_type="latent")
     encoderless = StableDiffusionXLPipeline(
         **{**sdxl.components, "text_encoder": None, "text_encoder_2": None})
     from_embeds = DemoFusion(encoderless, view_batch_size=16)(
@@ -196,11 +289,14 @@ def test_prompt_embeds_without_text_encoders_and_batches(sdxl):
         num_inference_steps=2, output_type="latent", progress=False,
         generator=torch.Generator().manual_seed(0))
     assert torch.equal(from_text.latents, from_embeds.latents)
-    two = sampler(prompt=["a cat", "a dog"], height=256, width=192, num_inference_steps=1,
-                  output_type="latent", progress=False, generator=torch.Generator().manual_seed(0),
-                  guidance_scale=1.0)
+    two = DemoFusion(sdxl, view_batch_size=16)(
+        prompt=["a cat", "a dog"], height=256, width=192, num_inference_steps=1,
+        output_type="latent", progress=False, generator=torch.Generator().manual_seed(0),
+        guidance_scale=1.0)
     assert two.latents.shape == (2, 4, 32, 24)
     assert not torch.equal(two.latents[0], two.latents[1])
+    # Without guidance each view is one UNet row (the cond branch alone).
+    assert two.unet_calls == {(2, 16, 12): 1, (12, 16, 16): 1, (8, 16, 12): 1}
 
 
 def test_sdxl_micro_conditioning_per_view(sdxl, monkeypatch):
@@ -224,7 +320,7 @@ def test_sdxl_micro_conditioning_per_view(sdxl, monkeypatch):
     assert torch.all(stage_two[9:13, 2:4] == 0)  # global views: (0, 0)
 
 
-def test_callback_sees_every_step_and_may_replace_latents(sdxl):
+def test_callback_sees_every_step_and_may_replace_latents(sdxl, runs):
     calls = []
 
     def callback(stage, step, timestep, latents):
@@ -237,7 +333,7 @@ def test_callback_sees_every_step_and_may_replace_latents(sdxl):
         (2, 0, (1, 4, 32, 32)), (2, 1, (1, 4, 32, 32)),
     ]
     assert calls[0][2] > calls[1][2]
-    plain = generate(sdxl, 256, 256, steps=2, output_type="latent")
+    plain = runs("sdxl", "2x", output_type="latent")
     assert torch.equal(out.stages[0].latents, plain.stages[0].latents + 1)
 
 
@@ -259,7 +355,7 @@ def test_non_finite_latents_name_stage_and_step(sdxl, monkeypatch, stage, step, 
     assert (error.value.stage, error.value.step) == (stage, step)
 
 
-def test_bad_input(sdxl):
+def test_bad_input(sdxl, sd15):
     with pytest.raises(TypeError, match="StableDiffusionPipeline, StableDiffusionXLPipeline"):
         DemoFusion(object())
     sampler = DemoFusion(sdxl)
@@ -271,22 +367,34 @@ def test_bad_input(sdxl):
         generate(sdxl, 256, 256, sampler=sampler, output_type="jpeg")
     with pytest.raises(ValueError, match="num_inference_steps"):
         generate(sdxl, 256, 256, sampler=sampler, steps=0)
+    with pytest.raises(TypeError, match="num_inference_steps"):
+        generate(sdxl, 256, 256, sampler=sampler, steps=2.0)
     with pytest.raises(ValueError, match="exactly one of prompt and prompt_embeds"):
         sampler(height=256, width=256)
     with pytest.raises(ValueError, match="pooled_prompt_embeds"):
         sampler(prompt_embeds=torch.zeros(1, 77, 64), height=256, width=256)
     with pytest.raises(ValueError, match="only apply to SDXL"):
-        DemoFusion(tiny_pipeline("sd15"))(prompt="a", prompt_2="b", height=128, width=128)
+        DemoFusion(sd15)(prompt="a", prompt_2="b", height=128, width=128)
     with pytest.raises(ValueError, match="stride"):
         DemoFusion(sdxl, stride=17)
+    with pytest.raises(TypeError, match="stride"):
+        DemoFusion(sdxl, stride=8.0)
     with pytest.raises(ValueError, match="view_batch_size"):
         DemoFusion(sdxl, view_batch_size=0)
+    with pytest.raises(ValueError, match="view_batch_size"):
+        DemoFusion(sdxl, view_batch_size="many")
     with pytest.raises(ValueError, match="cosine_scales"):
         DemoFusion(sdxl, cosine_scales=(3, 1))
     with pytest.raises(ValueError, match="sigma"):
         DemoFusion(sdxl, sigma=0)
+    with pytest.raises(TypeError, match="scheduler"):
+        DemoFusion(sdxl, scheduler="ddim")
     with pytest.raises(TypeError, match="generator"):
         sampler(prompt="a", height=256, width=256, generator=[torch.Generator()])
+    with pytest.raises(ValueError, match=r"step_options \['eta'\].*EulerDiscreteScheduler"):
+        generate(sdxl, 256, 256, sampler=sampler, step_options={"eta": 0.5})
+    with pytest.raises(TypeError, match="decode_stages"):
+        generate(sdxl, 256, 256, sampler=sampler, decode_stages="yes")
 
 
 def test_one_step_through_the_triton_kernels(sdxl, triton_backend):
@@ -324,20 +432,39 @@ def test_compiled_unet_sees_one_shape_for_stage_one_and_one_for_all_views():
 @pytest.mark.parametrize("method", ["demofusion", "apt"])
 def test_no_host_sync_inside_the_step_loop(method):
     # CUDA's sync debug mode raises on any synchronising call (.item(), .cpu(), blocking copies,
-    # nonzero, ...) between the first and the last step callback of every stage.
+    # nonzero, ...) from the start of the first step of every stage to its last step: the first
+    # call of a stage builds nothing on the host (the row layouts were built before the loop).
     pipe = tiny_pipeline("sdxl", device="cuda")
     steps = 3
     options = {"shortcut_steps": None} if method == "apt" else {}
     sampler = SAMPLERS[method](pipe, view_batch_size=4, **options)
+    from hrkernels.samplers import stages
 
-    def callback(stage, step, timestep, latents):
-        torch.cuda.set_sync_debug_mode("error" if step < steps - 1 else "default")
+    original = stages.run_stage
 
+    def strict(function):
+        def wrapped(*args):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return function(*args)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        return wrapped
+
+    def run_stage(run, stage, size, schedule, z, step_function, skip=None):
+        return original(run, stage, size, schedule, z, strict(step_function),
+                        None if skip is None else strict(skip))
+
+    import hrkernels.samplers.demofusion as demofusion
+
+    demofusion.run_stage, restore = run_stage, demofusion.run_stage
     try:
         out = sampler(prompt="a cat", height=384, width=384, num_inference_steps=steps,
                       generator=torch.Generator("cuda").manual_seed(0), progress=False,
-                      output_type="latent", callback_on_step_end=callback)
+                      output_type="latent")
     finally:
+        demofusion.run_stage = restore
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out.latents).all()
 

@@ -7,13 +7,13 @@ import argparse
 import pytest
 from PIL import Image
 
+from hrkernels.cli.generate import add_arguments, run
 from hrkernels.samplers import SAMPLERS
-from hrkernels.samplers.cli import add_generate_arguments, run_generate
 
 
 def parse(argv):
     parser = argparse.ArgumentParser(prog="hrkernels generate")
-    add_generate_arguments(parser)
+    add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -37,7 +37,7 @@ def test_generate_apt_default_size_is_twice_the_base(tmp_path):
     out = tmp_path / "apt.png"
     args = parse(["--model", "tiny-sdxl", "--method", "apt", "--prompt", "a cat", "--steps", "2",
                   "--out", str(out), "--view-batch-size", "4"])
-    assert run_generate(args) == 0
+    assert run(args) == 0
     assert Image.open(out).size == (256, 256)
 
 
@@ -45,11 +45,23 @@ def test_generate_reports_bad_sizes_and_options(tmp_path, capsys):
     args = parse(["--model", "tiny-sd15", "--method", "demofusion", "--prompt", "a cat",
                   "--height", "100", "--width", "128", "--steps", "1", "--out",
                   str(tmp_path / "x.png")])
-    assert run_generate(args) == 2
+    assert run(args) == 2
     assert "multiple of 8" in capsys.readouterr().err
     args = parse(["--model", "tiny-sd15", "--method", "demofusion", "--prompt", "a cat",
                   "--out", str(tmp_path / "x.png"), "--view-batch-size", "many"])
-    assert run_generate(args) == 2
+    assert run(args) == 2
     with pytest.raises(SystemExit):
         parse(["--model", "tiny-sd15", "--method", "nope", "--prompt", "a", "--out", "x.png"])
     assert {"demofusion", "apt"} <= set(SAMPLERS)
+    capsys.readouterr()
+    # A scheduler asked for by name is explicit: one that would drop DemoFusion's skip residual is
+    # refused; APT samples with DDIM and takes none.
+    args = parse(["--model", "tiny-sd15", "--method", "demofusion", "--prompt", "a cat",
+                  "--steps", "1", "--scheduler", "unipc", "--out", str(tmp_path / "x.png")])
+    assert run(args) == 2
+    assert "UniPCMultistepScheduler.step ignores" in capsys.readouterr().err
+    args = parse(["--model", "tiny-sd15", "--method", "apt", "--prompt", "a cat",
+                  "--steps", "1", "--scheduler", "euler", "--out", str(tmp_path / "x.png")])
+    assert run(args) == 2
+    assert "--scheduler: apt samples with its own scheduler (DDIMScheduler)" in \
+        capsys.readouterr().err

@@ -43,7 +43,7 @@ CASES: dict[str, tuple[str, str, str | None, dict, dict]] = {
                                  "per_channel": True},
                                 {"height": 384, "width": 384, "num_inference_steps": 2}),
     "apt_sd15_2x_eta": ("apt", "sd15", None,
-                        {"view_batch_size": 16, "shortcut_steps": 3, "eta": 2.5},
+                        {"view_batch_size": 16, "shortcut_steps": 3, "scale_aware_eta": 2.5},
                         {"height": 128, "width": 128, "num_inference_steps": 4}),
 }
 

@@ -1,0 +1,63 @@
+"""What a sampler returns, and the error it raises when the latents stop being finite."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["NonFiniteLatentsError", "SamplerOutput", "StageResult"]
+
+
+class NonFiniteLatentsError(FloatingPointError):
+    """NaN or inf appeared in the latents; ``stage`` (1-based) and ``step`` (0-based, within the
+    stage) name the first step whose result was not finite."""
+
+    def __init__(self, sampler: str, stage: int, step: int, timestep: Any) -> None:
+        self.stage, self.step, self.timestep = stage, step, timestep
+        super().__init__(
+            f"{sampler}: NaN or inf in the latents at stage {stage}, step {step} (timestep "
+            f"{timestep}). Common causes: an fp16 VAE/UNet overflowing (try torch.float32 or "
+            "bfloat16), or a scheduler/model mismatch."
+        )
+
+
+@dataclass
+class StageResult:
+    """One resolution stage of a sampler.
+
+    Attributes:
+        stage: 1-based stage number.
+        height, width: the stage's size in pixels.
+        latents: ``[B, C, height/f, width/f]`` float32: the stage's result (for DemoFusion and APT
+            the clean latent after the end-of-stage renormalisation), the input of the next stage.
+        images: the decoded preview (same type as the call's ``output_type``) when the call asked
+            for previews (``decode_stages=True``), else None.
+    """
+
+    stage: int
+    height: int
+    width: int
+    latents: torch.Tensor
+    images: Any = None
+
+
+@dataclass
+class SamplerOutput:
+    """What a sampler returns.
+
+    Attributes:
+        images: the final images: a list of PIL images (``output_type="pil"``), a ``[B, 3, H, W]``
+            tensor in [0, 1] (``"pt"``), a ``[B, H, W, 3]`` array (``"np"``) or the final latents
+            (``"latent"``).
+        stages: one :class:`StageResult` per resolution stage, first to last.
+        latents: the final latents ``[B, C, H/f, W/f]`` float32.
+        unet_calls: how many model calls of which input shape the run made, as
+            ``{(batch_rows, latent_h, latent_w): count}`` (the "UNet floor" of the benchmarks).
+    """
+
+    images: Any
+    stages: list[StageResult]
+    latents: torch.Tensor
+    unet_calls: dict[tuple[int, int, int], int] = field(default_factory=dict)

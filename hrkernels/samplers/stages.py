@@ -1,0 +1,315 @@
+"""The stage loop every sampler runs, and what it reads.
+
+* :class:`StageSchedule` -- a stage's fresh scheduler(s), the step indices it runs (a stage may
+  start late, APT's shortcut, and stop early, MegaFusion's truncation), their timesteps on the host
+  and the device, ``c(t)`` and the ``add_noise`` coefficients, all precomputed;
+  :func:`stage_schedule` builds one.
+* :class:`SkipResidual` -- ``zh = c^alpha z'_t + (1 - c^alpha) z_t`` with ``z'_t`` the stage's clean
+  start noised to step ``t`` (DemoFusion, APT, FreeScale).
+* :func:`run_stage` -- the loop: per step, ``set_step`` on a patched model, the skip residual, the
+  method's step function, the non-finite watch, the callback and the progress bar.
+* :class:`Run` -- what one sampler call shares across its stages (adapter, engine, generator,
+  guidance, step options, callback, progress).
+
+Randomness comes only from the call's generator (:func:`randn`, :func:`resolve_generator`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hrkernels.patching import is_patched, set_step
+from hrkernels.samplers.engine import Engine, Guidance
+from hrkernels.samplers.outputs import NonFiniteLatentsError
+from hrkernels.samplers.pipelines import PipelineAdapter
+from hrkernels.samplers.schedulers import fresh_scheduler, noising_coefficients
+from hrkernels.schedules import cosine_decay
+
+__all__ = [
+    "FiniteWatch",
+    "Run",
+    "SkipResidual",
+    "StageSchedule",
+    "StepCallback",
+    "StepState",
+    "global_stats",
+    "randn",
+    "resolve_generator",
+    "run_stage",
+    "stage_schedule",
+]
+
+StepCallback = Callable[[int, int, Any, torch.Tensor], Any]
+
+
+# --------------------------------------------------------------------------------------------------
+# Randomness and statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
+    """The caller's generator, or a new one on ``device`` seeded from torch's global CPU RNG (so
+    ``torch.manual_seed`` before the call makes a run reproducible)."""
+    if generator is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        return torch.Generator(device=device).manual_seed(seed)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError("generator must be one torch.Generator (lists of generators are not "
+                        f"supported); got {type(generator).__name__}")
+    return generator
+
+
+def randn(shape: Sequence[int], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Standard normal float32 noise drawn on the generator's device, then moved to ``device``."""
+    noise = torch.randn(tuple(shape), generator=generator, device=generator.device,
+                        dtype=torch.float32)
+    return noise.to(device)
+
+
+def global_stats(x: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std (``torch.std``'s default correction) of each image ``[B]`` (or of each image's
+    channels ``[B, C]``), in float32."""
+    x = x.float()
+    flat = x.flatten(2) if per_channel else x.flatten(1)
+    return flat.mean(dim=-1), flat.std(dim=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Schedules
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageSchedule:
+    """Everything the step loop of one stage reads, precomputed on the host and the device.
+
+    Attributes:
+        schedulers: the stage's fresh scheduler(s) by role: ``"main"`` (the one whose
+            ``scale_model_input`` and ``step`` the loop uses; APT adds ``"local"``).
+        indices: the step indices the stage runs, into the scheduler's timestep list (global: 0 is
+            the noisiest step of ``num_inference_steps``).
+        timesteps: the scheduler's timestep of each of those steps (CPU 0-d tensors, for
+            ``scheduler.step``); ``device_timesteps``: the same on the device (for the model).
+        c: ``c(t)`` (cosine decay, alpha 1) of each step.
+        noise_scale, noise_sigma: ``add_noise(z0, noise, t_i) = scale_i z0 + sigma_i noise`` of
+            each step (empty when the stage noises nothing).
+    """
+
+    schedulers: dict[str, Any]
+    indices: range
+    timesteps: list[torch.Tensor]
+    device_timesteps: torch.Tensor
+    c: list[float]
+    noise_scale: list[float] = field(default_factory=list)
+    noise_sigma: list[float] = field(default_factory=list)
+
+    @property
+    def scheduler(self) -> Any:
+        return self.schedulers["main"]
+
+    @property
+    def values(self) -> list[float | int]:
+        """The timesteps as Python numbers (callbacks, messages)."""
+        return [t.item() for t in self.timesteps]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def stage_schedule(template: Any, num_inference_steps: int, device: torch.device, *,
+                   scheduler_class: type | None = None, start: int = 0, end: int | None = None,
+                   noised: bool = False, noise_overrides: dict[str, Any] | None = None,
+                   extra: dict[str, Any] | None = None, begin_index: bool = True,
+                   **overrides: Any) -> StageSchedule:
+    """A :class:`StageSchedule` for steps ``start .. end - 1`` of ``num_inference_steps``.
+
+    Args:
+        template: the pipeline's scheduler (its config).
+        num_inference_steps: the length of the timestep sequence the stage takes part of.
+        device: where the model's timesteps go.
+        scheduler_class: the class to build (None: ``template``'s).
+        start, end: the step indices (end None: to the last step).
+        noised: compute the ``add_noise`` coefficients of each step (with ``noise_overrides``
+            applied to the scheduler config, e.g. APT's scale-aware ``trained_betas``).
+        extra: more schedulers by role (already built).
+        begin_index: tell the main scheduler where the stage starts (``set_begin_index``).
+        overrides: config overrides of the main scheduler.
+    """
+    main = fresh_scheduler(template, num_inference_steps,
+                           begin_index=start if begin_index else None,
+                           scheduler_class=scheduler_class, **overrides)
+    end = len(main.timesteps) if end is None else end
+    indices = range(start, end)
+    timesteps = main.timesteps[start:end]
+    total = main.config.num_train_timesteps
+    scale: list[float] = []
+    sigma: list[float] = []
+    if noised:
+        scale, sigma = noising_coefficients(template, num_inference_steps, indices,
+                                            scheduler_class=scheduler_class or type(main),
+                                            **(noise_overrides or {}))
+    return StageSchedule(
+        schedulers={"main": main, **(extra or {})},
+        indices=indices,
+        timesteps=list(timesteps),
+        device_timesteps=timesteps.to(device, torch.float32),
+        c=[cosine_decay(float(t), total, 1.0) for t in timesteps],
+        noise_scale=scale,
+        noise_sigma=sigma,
+    )
+
+
+@dataclass
+class SkipResidual:
+    """The skip residual of a stage that starts from a clean latent ``z0``.
+
+    ``zh = c1 z'_t + (1 - c1) z_t`` with ``z'_t = add_noise(z0, noise, t) = scale_i z0 + sigma_i
+    noise`` formed on the fly and ``c1 = c(t)^exponent``; at the stage's first step (no ``z_t``
+    yet) ``zh = z'_t``.
+
+    Attributes:
+        z0: ``[B, C, h, w]`` float32, the stage's clean start.
+        noise: ``[B, C, h, w]`` float32, the stage's one noise draw.
+        exponent: the exponent of ``c(t)`` (DemoFusion's ``a1``, FreeScale's ``alpha``).
+    """
+
+    z0: torch.Tensor
+    noise: torch.Tensor
+    exponent: float
+
+    def __call__(self, schedule: StageSchedule, step: int, z: torch.Tensor | None) -> torch.Tensor:
+        c1 = schedule.c[step] ** self.exponent
+        noised = self.z0 * schedule.noise_scale[step] + self.noise * schedule.noise_sigma[step]
+        return noised if z is None else noised.mul_(c1).add_(z, alpha=1.0 - c1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """Per-call state shared by the stages of one sampler call."""
+
+    sampler: str
+    adapter: PipelineAdapter
+    engine: Engine
+    guidance: Guidance
+    generator: torch.Generator
+    num_inference_steps: int
+    step_options: dict[str, Any]
+    callback: StepCallback | None
+    progress: bool
+    num_stages: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.device
+
+    @property
+    def batch(self) -> int:
+        return self.engine.cond.batch
+
+
+@dataclass
+class StepState:
+    """One step of a stage, as the method's step function sees it.
+
+    ``step``: 0-based within the stage; ``index``: the global step index; ``timestep``: the
+    scheduler's (CPU 0-d); ``model_timestep``: the same on the device (0-d float32).
+    """
+
+    stage: int
+    step: int
+    index: int
+    timestep: torch.Tensor
+    model_timestep: torch.Tensor
+
+
+StepFunction = Callable[[StepState, torch.Tensor], torch.Tensor]
+
+
+class FiniteWatch:
+    """Per-step NaN/inf flags kept on the device; checked once per stage (one host sync)."""
+
+    def __init__(self, sampler: str, stage: int, timesteps: Sequence[Any], device: torch.device):
+        self.sampler, self.stage, self.timesteps = sampler, stage, list(timesteps)
+        self.flags = torch.zeros(len(self.timesteps), dtype=torch.bool, device=device)
+
+    def record(self, step: int, latents: torch.Tensor) -> None:
+        self.flags[step] = ~torch.isfinite(latents).all()
+
+    def check(self) -> None:
+        if bool(self.flags.any()):
+            step = int(self.flags.nonzero()[0, 0])
+            raise NonFiniteLatentsError(self.sampler, self.stage, step, self.timesteps[step])
+
+
+def run_callback(callback: StepCallback | None, stage: int, step: int, timestep: Any,
+                 latents: torch.Tensor) -> torch.Tensor:
+    """Call ``callback(stage, step, timestep, latents)``; a returned tensor replaces the latents."""
+    if callback is None:
+        return latents
+    result = callback(stage, step, timestep, latents)
+    if result is None:
+        return latents
+    if not isinstance(result, torch.Tensor) or result.shape != latents.shape:
+        raise TypeError("callback_on_step_end must return None or a tensor shaped like the latents "
+                        f"{tuple(latents.shape)}; got {type(result).__name__}")
+    return result.to(latents.dtype)
+
+
+def progress_bar(total: int, description: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, disable=not enabled)
+
+
+def run_stage(run: Run, stage: int, size: tuple[int, int], schedule: StageSchedule,
+              z: torch.Tensor | None, step_function: StepFunction,
+              skip: SkipResidual | None = None) -> torch.Tensor:
+    """Run one stage's steps and return its last latent.
+
+    Per step ``i`` of ``schedule``: :func:`hrkernels.set_step` on the model when it is patched
+    (with the global step index and the device timestep), ``sample = skip(z)`` with a skip
+    residual (else ``z``), ``z = step_function(state, sample)``, the NaN/inf flag (checked once,
+    after the stage), ``callback_on_step_end`` (may replace ``z``) and the progress bar.
+
+    Args:
+        run: the call's shared state.
+        stage: 1-based stage number; ``size``: its latent size (for the progress label).
+        schedule: the stage's schedule.
+        z: the latent at the stage's first step; None when ``skip`` forms it from its clean start.
+        step_function: the method's step: ``(state, sample) -> next latent``.
+        skip: the stage's skip residual, or None.
+
+    Raises:
+        NonFiniteLatentsError: a step produced NaN or inf (names the stage and step).
+    """
+    model = run.adapter.model
+    patched = is_patched(model)
+    values = schedule.values
+    watch = FiniteWatch(run.sampler, stage, values, run.device)
+    f = run.adapter.scale_factor
+    label = f"{run.sampler} stage {stage}/{run.num_stages} ({size[0] * f}x{size[1] * f})"
+    bar = progress_bar(len(schedule), label, run.progress)
+    try:
+        for step, index in enumerate(schedule.indices):
+            state = StepState(stage, step, index, schedule.timesteps[step],
+                              schedule.device_timesteps[step])
+            if patched:
+                set_step(model, index, state.model_timestep)
+            sample = skip(schedule, step, z) if skip is not None else z
+            z = step_function(state, sample)
+            watch.record(step, z)
+            z = run_callback(run.callback, stage, step, values[step], z)
+            bar.update()
+    finally:
+        bar.close()
+    watch.check()
+    return z

@@ -1,0 +1,60 @@
+"""hrkernels.vae: decode/encode as the pipelines do (scaling, upcast, tiling for large latents)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hrkernels import vae
+from hrkernels.testing import tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def sdxl_vae():
+    return tiny_pipeline("sdxl").vae
+
+
+def test_decode_unscales_and_equals_the_vae(sdxl_vae):
+    latents = torch.randn(2, 4, 16, 12, generator=torch.Generator().manual_seed(0))
+    images = vae.decode(sdxl_vae, latents)
+    assert images.shape == (2, 3, 128, 96)
+    expected = sdxl_vae.decode(latents / sdxl_vae.config.scaling_factor, return_dict=False)[0]
+    torch.testing.assert_close(images, expected)
+
+
+def test_large_latents_decode_with_tiling_switched_on_for_the_call_only(sdxl_vae, monkeypatch):
+    seen = []
+    original = type(sdxl_vae).decode
+
+    def spy(self, z, *args, **kwargs):
+        seen.append((self.use_tiling, self.tile_latent_min_size))
+        return original(self, z, *args, **kwargs)
+
+    monkeypatch.setattr(type(sdxl_vae), "decode", spy)
+    tile = sdxl_vae.tile_latent_min_size
+    images = vae.decode(sdxl_vae, torch.randn(1, 4, tile + 8, tile))
+    assert images.shape == (1, 3, (tile + 8) * 8, tile * 8)
+    assert seen[0] == (True, tile // 2)
+    assert (sdxl_vae.use_tiling, sdxl_vae.tile_latent_min_size) == (False, tile)
+
+
+def test_encode_samples_the_posterior_from_the_generator_and_scales(sdxl_vae):
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    first = vae.encode(sdxl_vae, images, generator=torch.Generator().manual_seed(2))
+    second = vae.encode(sdxl_vae, images, generator=torch.Generator().manual_seed(2))
+    assert first.shape == (1, 4, 8, 8) and first.dtype == torch.float32
+    assert torch.equal(first, second)
+    assert not torch.equal(first, vae.encode(sdxl_vae, images,
+                                             generator=torch.Generator().manual_seed(3)))
+    mode = vae.encode(sdxl_vae, images, sample=False)
+    expected = sdxl_vae.encode(images).latent_dist.mode() * sdxl_vae.config.scaling_factor
+    torch.testing.assert_close(mode, expected)
+
+
+def test_bad_input(sdxl_vae):
+    with pytest.raises(TypeError, match="vae"):
+        vae.decode(object(), torch.zeros(1, 4, 8, 8))
+    with pytest.raises(ValueError, match="latents"):
+        vae.decode(sdxl_vae, torch.zeros(4, 8, 8))
+    with pytest.raises(ValueError, match="images"):
+        vae.encode(sdxl_vae, torch.zeros(1, 4, 64, 64))
