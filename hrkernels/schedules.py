@@ -22,6 +22,8 @@ from fractions import Fraction
 
 import torch
 
+from hrkernels._validate import check_int, check_real
+
 __all__ = [
     "apt_default_eta",
     "cosine_decay",
@@ -34,13 +36,6 @@ __all__ = [
 # APT, Table B: the best eta_s for a stage that upsamples by 2.0, 1.5 and 4/3 (the "1.33"/"1.3" of
 # the paper: the third stage of a x4 run), as (upscale factor, eta) in increasing factor order.
 _APT_ETA_TABLE: tuple[tuple[float, float], ...] = ((4.0 / 3.0, 3.5), (1.5, 3.0), (2.0, 2.0))
-
-
-def _check_positive_int(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int; got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1; got {value}")
 
 
 def cosine_decay(
@@ -63,6 +58,7 @@ def cosine_decay(
         A Python float for a number, a float64 tensor of the same shape for a tensor.
 
     Raises:
+        TypeError: ``num_train_timesteps`` not an int or ``alpha`` not a number.
         ValueError: ``num_train_timesteps < 1`` or ``alpha < 0``.
 
     Example::
@@ -70,9 +66,8 @@ def cosine_decay(
         >>> round(cosine_decay(500, 1000, alpha=1.0), 6)
         0.5
     """
-    _check_positive_int(num_train_timesteps, "num_train_timesteps")
-    if not alpha >= 0:
-        raise ValueError(f"alpha must be >= 0; got {alpha!r}")
+    check_int(num_train_timesteps, "num_train_timesteps", minimum=1)
+    alpha = check_real(alpha, "alpha", minimum=0)
     T = num_train_timesteps
     if isinstance(timestep, torch.Tensor):
         t = timestep.to(torch.float64)
@@ -105,6 +100,7 @@ def scale_aware_betas(
         ``float32`` CPU tensor ``[T]`` of betas (pass as ``trained_betas`` to a scheduler).
 
     Raises:
+        TypeError: an argument of the wrong type.
         ValueError: non-positive ``beta_start``, ``beta_end`` or ``eta``, or ``T < 2``.
 
     Example::
@@ -113,13 +109,10 @@ def scale_aware_betas(
         >>> bool(torch.equal(betas, torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2))
         True
     """
-    _check_positive_int(num_train_timesteps, "num_train_timesteps")
-    if num_train_timesteps < 2:
-        raise ValueError(f"num_train_timesteps must be >= 2; got {num_train_timesteps}")
-    for name, value in (("beta_start", beta_start), ("beta_end", beta_end), ("eta", eta)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{name} must be a number > 0; got {value!r}")
-    eta = float(eta)
+    check_int(num_train_timesteps, "num_train_timesteps", minimum=2)
+    beta_start = check_real(beta_start, "beta_start", greater_than=0)
+    beta_end = check_real(beta_end, "beta_end", greater_than=0)
+    eta = check_real(eta, "eta", greater_than=0)
     start, end = float(beta_start) ** eta, float(beta_end) ** eta
     return torch.linspace(start, end, num_train_timesteps, dtype=torch.float32) ** (1.0 / eta)
 
@@ -138,17 +131,15 @@ def apt_default_eta(upscale_factor: float) -> float:
         ``eta_s`` as a float.
 
     Raises:
-        ValueError: ``upscale_factor`` not a positive number.
+        TypeError: ``upscale_factor`` not a number.
+        ValueError: ``upscale_factor <= 0``.
 
     Example::
 
         >>> apt_default_eta(2.0), apt_default_eta(1.75), apt_default_eta(1.2)
         (2.0, 2.5, 3.5)
     """
-    if (isinstance(upscale_factor, bool) or not isinstance(upscale_factor, (int, float))
-            or not upscale_factor > 0):
-        raise ValueError(f"upscale_factor must be a number > 0; got {upscale_factor!r}")
-    factor = float(upscale_factor)
+    factor = check_real(upscale_factor, "upscale_factor", greater_than=0)
     (low_factor, low_eta), (high_factor, high_eta) = _APT_ETA_TABLE[0], _APT_ETA_TABLE[-1]
     if factor <= low_factor:
         return low_eta
@@ -195,9 +186,9 @@ def stage_sizes(
         [(1024, 1024), (1032, 1032)]
     """
     for name, value in (("base_size", base_size), ("multiple", multiple)):
-        _check_positive_int(value, name)
+        check_int(value, name, minimum=1)
     for name, value in (("height", height), ("width", width)):
-        _check_positive_int(value, name)
+        check_int(value, name, minimum=1)
         if value % multiple:
             raise ValueError(f"{name} must be a multiple of {multiple} (the VAE's scale factor); "
                              f"got {value}")
@@ -227,7 +218,7 @@ def sublattice_factor(size: Sequence[int], base: int) -> tuple[int, int]:
         >>> sublattice_factor((256, 192), 128)
         (2, 2)
     """
-    _check_positive_int(base, "base")
+    check_int(base, "base", minimum=1)
     return tuple(max(1, math.floor(side / base + 0.5)) for side in size)  # type: ignore[return-value]
 
 

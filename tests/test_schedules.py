@@ -137,3 +137,14 @@ def test_sublattice_factor():
     assert sublattice_factor((256, 192), 128) == (2, 2)  # 1.5 rounds half up
     assert sublattice_factor((256, 160), 128) == (2, 1)
     assert sublattice_factor((64, 40), 128) == (1, 1)
+
+
+def test_wrong_types_raise_type_errors_naming_the_argument():
+    with pytest.raises(TypeError, match="alpha"):
+        cosine_decay(10, 1000, "1")
+    with pytest.raises(TypeError, match="eta"):
+        scale_aware_betas(0.00085, 0.012, True)
+    with pytest.raises(TypeError, match="upscale_factor"):
+        apt_default_eta("2")
+    with pytest.raises(TypeError, match="height"):
+        stage_sizes(2048.0, 2048, 1024)

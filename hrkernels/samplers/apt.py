@@ -1,4 +1,4 @@
-"""APT, Adaptive Path Tracing, applied to DemoFusion (docs/METHODS.md, "APT"; papers/apt.md,
+"""APT, Adaptive Path Tracing, applied to DemoFusion (docs/METHODS.md, "APT"; the paper's
 Algorithm 1).
 
 What changes from :class:`~hrkernels.samplers.DemoFusion`:
@@ -147,7 +147,7 @@ class APT(DemoFusion):
         """
         mean, std = global_stats(reference, per_channel=self.per_channel)
         height, width = z0.shape[2:]
-        factor = sublattice_factor((height, width), self.window)
+        factor = sublattice_factor((height, width), self.adapter.base_latent_size)
         pad_h, pad_w = -height % factor[0], -width % factor[1]
         padded = F.pad(z0, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else z0
         matched = ops.match_stats(padded, mean, std, factor=factor, per_channel=self.per_channel)

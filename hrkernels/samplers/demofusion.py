@@ -1,4 +1,4 @@
-"""DemoFusion (docs/METHODS.md, "DemoFusion"; papers/demofusion.md): progressive upscaling, skip
+"""DemoFusion (docs/METHODS.md, "DemoFusion"): progressive upscaling, skip
 residual and dilated sampling over MultiDiffusion, on any SD 1.5/2.x or SDXL pipeline.
 
 Per step of a stage ``s >= 2`` (latent ``z``, its clean upsampled start ``z0`` and one noise draw):
@@ -127,7 +127,7 @@ class DemoFusion(Sampler):
 
     def stage_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
         """:func:`hrkernels.schedules.stage_sizes` for this pipeline's base size."""
-        return stage_sizes(height, width, self.adapter.base_size, self.adapter.scale_factor)
+        return stage_sizes(height, width, self.adapter.base_size, self.adapter.vae_scale_factor)
 
     def start_index(self, stage: int, num_inference_steps: int) -> int:
         """Index into the timestep list where a stage's loop starts (0: all steps)."""
@@ -163,7 +163,7 @@ class DemoFusion(Sampler):
     # ----------------------------------------------------------------------------------------------
 
     def generate(self, run: Run, sizes: list[tuple[int, int]]) -> list[StageResult]:
-        f = self.adapter.scale_factor
+        f = self.adapter.vae_scale_factor
         latent_sizes = [(h // f, w // f) for h, w in sizes]
         # Stage 1 and the later stages get their own batch shapes (stage 1 has B views only).
         base_batch = run.engine.plan({latent_sizes[0]: [run.batch]}, self.view_batch_size,
@@ -230,7 +230,7 @@ class DemoFusion(Sampler):
         starts = [ops.window_grid(size[0], size[1], window, self.stride, self.jitter,
                                   generator=run.generator, device=run.device)
                   for _ in range(len(schedule) if self.jitter else 1)]
-        crops = [s.clamp(min=0).mul(self.adapter.scale_factor)[:, None]
+        crops = [s.clamp(min=0).mul(self.adapter.vae_scale_factor)[:, None]
                  .expand(-1, run.batch, 2).reshape(-1, 2) for s in starts]
         _, a2, a3 = self.cosine_scales
         dilation = stage

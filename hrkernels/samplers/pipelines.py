@@ -2,8 +2,8 @@
 
 A sampler never branches on the model family; it asks its :class:`PipelineAdapter` for
 
-* the geometry: the denoiser (``model``), the scheduler, the device and dtype, the latent scale
-  factor ``f`` (the VAE's; 1 for a pixel-space model), the base latent size and the latent
+* the geometry: the denoiser (``model``), the scheduler, the device and dtype, ``vae_scale_factor``
+  ``f`` (pixels per latent pixel; 1 for a pixel-space model), the base latent size and the latent
   channels;
 * prompt encoding into a :class:`Conditioning` (per-image model inputs for the cond and uncond
   branches of guidance);
@@ -135,8 +135,8 @@ class PipelineAdapter:
         return self.model.dtype
 
     @property
-    def scale_factor(self) -> int:
-        """``f``: pixels per latent pixel (the VAE's scale factor)."""
+    def vae_scale_factor(self) -> int:
+        """``f``: pixels per latent pixel (the VAE's scale factor; 1 for a pixel-space model)."""
         default = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
         return int(getattr(self.pipe, "vae_scale_factor", default))
 
@@ -150,7 +150,7 @@ class PipelineAdapter:
     @property
     def base_size(self) -> int:
         """``b``: the model's native size in pixels (1024 for SDXL, 512 for SD 1.5)."""
-        return self.base_latent_size * self.scale_factor
+        return self.base_latent_size * self.vae_scale_factor
 
     @property
     def latent_channels(self) -> int:

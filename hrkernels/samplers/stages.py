@@ -295,7 +295,7 @@ def run_stage(run: Run, stage: int, size: tuple[int, int], schedule: StageSchedu
     patched = is_patched(model)
     values = schedule.values
     watch = FiniteWatch(run.sampler, stage, values, run.device)
-    f = run.adapter.scale_factor
+    f = run.adapter.vae_scale_factor
     label = f"{run.sampler} stage {stage}/{run.num_stages} ({size[0] * f}x{size[1] * f})"
     bar = progress_bar(len(schedule), label, run.progress)
     try:
