@@ -3,11 +3,12 @@
     python bench/tune_blur.py [--out DIR] [--quick]
 
 For every issue shape, kernel size and op (blur, fusion) it times the Triton kernel under each plan
-(``hrkernels.ops.blur.op._plan``'s knobs: elements per thread, rows per iteration, programs per SM,
-L2 prefetch) with ``triton.testing.do_bench`` (median, L2 flushed before each run), checks every
-plan's output against the default plan's, and prints the default and the best plans as a fraction
-of the measured copy bandwidth. Launches go straight to the launcher, so the times are device
-times (the host work of one launch hides behind do_bench's L2 flush).
+(``hrkernels.bench.tuning.blur_plan``'s knobs: elements per thread, rows per iteration, programs
+per SM, L2 prefetch, ...) with ``triton.testing.do_bench`` (median, L2 flushed before each run),
+checks every plan's output against the default plan's, and prints the default and the best plans
+as a fraction of the measured copy bandwidth. Launches go straight to the Triton launcher
+(``hrkernels.bench.tuning.run_*``: no backend selection), so the times are device times (the host
+work of one launch hides behind do_bench's L2 flush).
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ import torch
 import triton.testing
 
 from hrkernels.bench.harness import copy_bandwidth_gbps, gbps
-from hrkernels.ops._launch import channels_contiguous
-from hrkernels.ops.blur.op import _blur_triton, _default_knobs, _plan
+from hrkernels.bench.tuning import (
+    blur_plan,
+    default_blur_knobs,
+    run_frequency_fusion,
+    run_gaussian_blur2d,
+)
 
 SHAPES = {  # label: (shape [B, C, H, W], channels-last)
     "feat [2,128,128,640] cl": ((2, 640, 128, 128), True),
@@ -43,7 +48,7 @@ def _inputs(shape, channels_last):
 
 
 def _knobs(kernel_size: int, channels_last: bool, quick: bool) -> list[dict]:
-    """The plans to try: ``_plan`` keyword arguments."""
+    """The plans to try: ``blur_plan`` knobs."""
     plans = []
     per_thread = (4, 8) if channels_last else (1, 2, 4)
     unroll = (2, 4, 6) if kernel_size <= 3 else (2, 4)
@@ -59,7 +64,7 @@ def _knobs(kernel_size: int, channels_last: bool, quick: bool) -> list[dict]:
 
 
 def _parse_plan(text: str) -> dict:
-    """``"tile_w=6,block_c=64,per_thread=2"`` -> ``_plan`` keyword arguments."""
+    """``"tile_w=6,block_c=64,per_thread=2"`` -> ``blur_plan`` knobs."""
     knobs = {}
     for item in text.split(","):
         name, value = item.split("=")
@@ -77,7 +82,7 @@ def _around(bases: list[dict], iterations: list[int], max_registers: list[int]) 
 def _describe(result: dict) -> str:
     kernel = f"columns tw{result.get('tile_w')}" if result["columns"] else "rows"
     return (f"{kernel} pt{result.get('per_thread')} u{result.get('unroll')} "
-            f"pps{result.get('programs_per_sm', 6)} pf{int(result['prefetch'])} "
+            f"pps{result.get('programs_per_sm', 6)} pf{int(bool(result.get('prefetch')))} "
             f"rows{result['rows']} programs{result['programs']} "
             f"maxnreg{result.get('max_registers')} block{result['block']}")
 
@@ -105,23 +110,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.filter not in label or ("fusion" if fusion else "blur") not in args.ops:
             continue
         a, b = _inputs(shape, channels_last)
-        b = b if fusion else None
-        key = (tuple(a.shape), channels_contiguous(a), a.element_size(), kernel_size, a.device)
-        expected = _blur_triton(a, b, 1.0, None, kernel_size, False)
         moved = a.numel() * a.element_size() * (3 if fusion else 2)
-        def run(plan=None, a=a, b=b, kernel_size=kernel_size):
-            return _blur_triton(a, b, 1.0, None, kernel_size, False, plan)
 
+        def run(plan=None, a=a, b=b, kernel_size=kernel_size, fusion=fusion):
+            if fusion:
+                return run_frequency_fusion(a, b, 1.0, kernel_size, plan=plan)
+            return run_gaussian_blur2d(a, 1.0, kernel_size, plan=plan)
+
+        expected = run()
         results = []
         if args.plans or args.iterations or args.max_registers:
-            default = _default_knobs(shape[1], channels_last, a.element_size(), kernel_size,
-                                     fusion, False)
+            default = default_blur_knobs(a, kernel_size, fusion=fusion)
             plans = _around([default, *map(_parse_plan, args.plans)], args.iterations,
                             args.max_registers)
         else:
             plans = _knobs(kernel_size, channels_last, args.quick)
         for knobs in plans:
-            plan = _plan(*key, fusion=fusion, **knobs)
+            plan = blur_plan(a, kernel_size, fusion=fusion, **knobs)
             try:
                 out = run(plan)
             except Exception as error:  # noqa: BLE001 (a plan that does not compile is reported)
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                             "block": [plan.block_w, plan.block_c, plan.num_warps],
                             "us": ms * 1e3, "copy_fraction": gbps(moved, ms) / bandwidth,
                             "max_abs_diff_vs_default": error})
-        default_plan = _plan(*key, fusion=fusion)
+        default_plan = blur_plan(a, kernel_size, fusion=fusion)
         default_ms = triton.testing.do_bench(run, warmup=10, rep=40, return_mode="median")
         results.sort(key=lambda r: r["us"])
         row = {"case": label, "k": kernel_size, "op": "fusion" if fusion else "blur",

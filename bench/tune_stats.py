@@ -2,8 +2,8 @@
 
     python bench/tune_stats.py [--out DIR]
 
-For every case it times both passes under each plan (``hrkernels.ops.stats.op._plan``'s knobs:
-programs per SM the chunks aim for, rows per loop iteration of each pass) with
+For every case it times both passes under each plan (``hrkernels.bench.tuning.match_stats_plan``'s
+knobs: programs per SM the chunks aim for, rows per loop iteration of each pass) with
 ``triton.testing.do_bench`` (median, L2 flushed before each run), checks that every plan gives the
 default plan's output (up to the order of the sums: other chunks), and prints each plan as
 a fraction of the measured copy bandwidth (``2 |x|`` moved: read once, written once).
@@ -21,8 +21,7 @@ import torch
 import triton.testing
 
 from hrkernels.bench.harness import copy_bandwidth_gbps, gbps
-from hrkernels.ops._launch import channels_contiguous
-from hrkernels.ops.stats.op import _match_stats_triton, _plan
+from hrkernels.bench.tuning import match_stats_plan, run_match_stats
 
 CASES = {  # label: (shape [B, C, H, W], factor, per_channel)
     "[8,64,512,512] f1x1": ((8, 64, 512, 512), (1, 1), False),
@@ -45,16 +44,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.filter not in label:
             continue
         x = torch.randn(shape, device="cuda", dtype=torch.float16)
-        key = (tuple(x.shape), channels_contiguous(x), sh, sw, per_channel, x.device)
+        default_plan = match_stats_plan(x, (sh, sw), per_channel=per_channel)
         moved = 2 * x.numel() * x.element_size()
 
         def run(plan, x=x, sh=sh, sw=sw, per_channel=per_channel):
-            return _match_stats_triton(x, 0.0, None, 1.0, None, sh, sw, per_channel, plan)
+            return run_match_stats(x, 0.0, 1.0, (sh, sw), per_channel, plan=plan)
 
-        expected = run(_plan(*key))
+        expected = run(default_plan)
         results = []
         for knobs in KNOBS:
-            plan = _plan(*key, **knobs)
+            plan = match_stats_plan(x, (sh, sw), per_channel=per_channel, **knobs)
             error = (run(plan).float() - expected.float()).abs().max().item()
             ms = triton.testing.do_bench(lambda p=plan, r=run: r(p), warmup=10, rep=40,
                                          return_mode="median")
@@ -62,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                             "us": ms * 1e3, "copy_fraction": gbps(moved, ms) / bandwidth,
                             "max_abs_diff_vs_default": error})
         results.sort(key=lambda r: r["us"])
-        rows.append({"case": label, "default": str(_plan(*key)), "plans": results})
-        print(f"{label}: default {_plan(*key)}", flush=True)
+        rows.append({"case": label, "default": str(default_plan), "plans": results})
+        print(f"{label}: default {default_plan}", flush=True)
         for r in results[:6]:
             print(f"    {r['us']:.1f} us {r['copy_fraction']:.0%} pps{r['programs_per_sm']} "
                   f"u{r['unroll_stats']}/{r['unroll_normalize']} programs {r['programs']} "

@@ -1,9 +1,10 @@
 """Public ops of hrkernels (``hrkernels.ops.<name>``).
 
 Each op is a registered ``torch.library`` operator (``hrkernels::<name>``) with a fake
-implementation, so ``torch.compile(fullgraph=True)`` traces through it. CUDA tensors run Triton
-kernels; other devices run the PyTorch reference (``reference.py`` of each family). See
-``_backend.py`` for ``HRKERNELS_BACKEND`` and :func:`use_backend`.
+implementation, so ``torch.compile(fullgraph=True)`` traces through it, and an implementation
+table by backend: ``"torch"``, the PyTorch reference (``reference.py`` of each family), and
+``"triton"``, the Triton kernels. CUDA tensors run Triton kernels; other devices run the
+reference. See ``_backend.py`` for the tables, ``HRKERNELS_BACKEND`` and :func:`use_backend`.
 """
 
 from hrkernels.ops._backend import BackendUnavailableError, select_backend, use_backend

@@ -1,7 +1,22 @@
 """Backend dispatch: which implementation of an op runs for a given device.
 
-The choice is made once per op call, inside the registered ``hrkernels::<op>`` operator (so it is
-opaque to ``torch.compile``), from the input tensors' device and the requested backend:
+Every op declares its implementations in a table, by backend name (:func:`dispatched_op`)::
+
+    _match_stats_op = dispatched_op(
+        "match_stats",
+        {"torch": Implementation(_match_stats_reference),
+         "triton": Implementation(_match_stats_triton, applies=_offsets_fit_int32)},
+        fake=fake_like_first_input,
+    )
+
+``"torch"`` is the PyTorch reference, ``"triton"`` the Triton path (a ``"cuda"`` entry comes with
+the CUDA C++ extension). The dispatch (:class:`ImplementationTable`) runs inside the registered
+``hrkernels::<op>`` operator (so it is opaque to ``torch.compile``) and decides once per call:
+:func:`select_backend` picks the backend from the device of the op's first argument (its input
+tensor) and the requested backend, then that backend's entry runs, unless its ``applies``
+predicate says the entry does not cover these arguments (a kernel size the Triton kernel is not
+compiled for, offsets past int32, integer dilation): then the ``"torch"`` entry runs. The rules of
+:func:`select_backend`:
 
 * ``HRKERNELS_BACKEND`` (environment) or :func:`use_backend` (a context manager, which wins):
   ``auto`` (default), ``triton``, ``torch`` or ``cuda``.
@@ -12,8 +27,12 @@ opaque to ``torch.compile``), from the input tensors' device and the requested b
   (``TRITON_INTERPRET=1`` set before triton is imported); otherwise
   :class:`BackendUnavailableError`.
 * ``torch``: always the reference.
-* ``cuda``: the optional CUDA C++ extension; it is not built in this release, so forcing it raises
-  :class:`BackendUnavailableError` naming the reason.
+* ``cuda``: the optional CUDA C++ extension; it is not built in this release and no table has a
+  ``"cuda"`` entry, so forcing it raises :class:`BackendUnavailableError` naming the op and the
+  reason.
+
+Ops whose output is shaped like their first argument share one fake implementation
+(:func:`fake_like_first_input`); the others register their own.
 """
 
 from __future__ import annotations
@@ -24,9 +43,12 @@ import functools
 import importlib.util
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
+
+from hrkernels.ops._checks import output_memory_format
 
 BACKENDS = ("auto", "triton", "torch", "cuda")
 ENV_VAR = "HRKERNELS_BACKEND"
@@ -161,6 +183,83 @@ def backend_report() -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Implementation tables
+# --------------------------------------------------------------------------------------------------
+
+# The backends an implementation table may hold; "torch" (the reference) is required.
+TABLE_BACKENDS = ("torch", "triton", "cuda")
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One backend's entry in an op's implementation table.
+
+    Attributes:
+        function: runs the op; takes the registered operator's arguments, in order, and returns a
+            new tensor (never a view of an input).
+        applies: for an implementation that covers only some calls, a predicate on the same
+            arguments; where it returns False the ``"torch"`` entry (the reference) runs instead.
+            None: every call.
+    """
+
+    function: Callable[..., torch.Tensor]
+    applies: Callable[..., bool] | None = None
+
+
+class ImplementationTable:
+    """An op's implementations by backend name, and the dispatch between them.
+
+    Calling the table with the operator's arguments runs the implementation :meth:`choose` picks.
+    """
+
+    def __init__(self, name: str, implementations: Mapping[str, Implementation]):
+        if "torch" not in implementations or not set(implementations) <= set(TABLE_BACKENDS):
+            raise ValueError(f"hrkernels.ops.{name}: an implementation table needs a 'torch' "
+                             f"entry and only backends of {TABLE_BACKENDS}; got "
+                             f"{tuple(implementations)}")
+        if implementations["torch"].applies is not None:
+            raise ValueError(f"hrkernels.ops.{name}: the reference ('torch') must apply to every "
+                             "call")
+        self.name = name
+        self.implementations = dict(implementations)
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """The backends the table has an implementation for."""
+        return tuple(self.implementations)
+
+    @property
+    def reference(self) -> Callable[..., torch.Tensor]:
+        """The ``"torch"`` entry's function: the PyTorch reference, which takes every call."""
+        return self.implementations["torch"].function
+
+    def choose(self, *args: object) -> str:
+        """The backend whose implementation runs a call with these arguments (the operator's).
+
+        Raises:
+            BackendUnavailableError: a forced backend cannot run here (see :func:`select_backend`).
+        """
+        backend = select_backend(self.name, args[0].device)
+        if backend not in self.implementations:
+            raise BackendUnavailableError(f"hrkernels.ops.{self.name}: backend {backend!r} has "
+                                          "no implementation of this op")
+        applies = self.implementations[backend].applies
+        if applies is not None and not applies(*args):
+            return "torch"
+        return backend
+
+    def __call__(self, *args: object) -> torch.Tensor:
+        return self.implementations[self.choose(*args)].function(*args)
+
+
+def fake_like_first_input(x: torch.Tensor, *args: object) -> torch.Tensor:
+    """The fake implementation of every op whose output is shaped like its first argument: ``x``'s
+    shape, dtype and device, in the layout the op writes (:func:`output_memory_format`)."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device,
+                       memory_format=output_memory_format(x))
+
+
+# --------------------------------------------------------------------------------------------------
 # Registered operators with an eager fast path
 # --------------------------------------------------------------------------------------------------
 
@@ -188,15 +287,27 @@ class RegisteredOp:
     calls skip the dispatcher.
 
     ``torch.compile``, fake tensors, export and dispatch modes see the registered operator
-    (``self.op``; its fake implementation comes from :meth:`register_fake`), but a plain eager call
-    runs the implementation directly: the dispatcher's Python layer costs tens of microseconds per
-    call, more than the kernels of a latent-sized op (``bench/profile_ops.py``).
+    (``self.op``, with the fake implementation ``fake`` or one given to :meth:`register_fake`), but
+    a plain eager call runs the implementation directly: the dispatcher's Python layer costs tens of
+    microseconds per call, more than the kernels of a latent-sized op (``bench/profile_ops.py``).
+
+    ``implementation`` is an :class:`ImplementationTable` (the operator's schema then comes from
+    the annotations of its ``"torch"`` entry) or, for an op that runs the same code on every
+    backend, a function (schema from its own annotations).
     """
 
-    def __init__(self, name: str, implementation):
+    def __init__(self, name: str, implementation: Callable[..., torch.Tensor],
+                 fake: Callable[..., torch.Tensor] | None = None):
         self.implementation = implementation
-        self.op = torch.library.custom_op(f"hrkernels::{name}", mutates_args=())(implementation)
-        functools.update_wrapper(self, implementation)
+        # The op's implementation table; None for an op with one implementation.
+        self.table = implementation if isinstance(implementation, ImplementationTable) else None
+        prototype = implementation if self.table is None else self.table.reference
+        self.op = torch.library.custom_op(
+            f"hrkernels::{name}", implementation, mutates_args=(),
+            schema=torch.library.infer_schema(prototype, mutates_args=()))
+        if fake is not None:
+            self.op.register_fake(fake)
+        functools.update_wrapper(self, prototype, updated=())
 
     def __call__(self, *args):
         if _plain_eager(args):
@@ -207,6 +318,17 @@ class RegisteredOp:
         return self.op.register_fake(fake)
 
 
+def dispatched_op(name: str, implementations: Mapping[str, Implementation],
+                  fake: Callable[..., torch.Tensor]) -> RegisteredOp:
+    """Register ``hrkernels::<name>``, implemented by the table ``implementations`` (backend name
+    -> :class:`Implementation`; ``"torch"`` required, ``"triton"``/``"cuda"`` optional) with the
+    fake implementation ``fake``. The ``"torch"`` entry's annotations give the operator's schema:
+    every entry takes the same arguments, the first of them the tensor whose device selects the
+    backend."""
+    return RegisteredOp(name, ImplementationTable(name, implementations), fake)
+
+
 def registered_op(name: str):
-    """Decorator: register ``hrkernels::<name>`` and return its :class:`RegisteredOp`."""
+    """Decorator: register ``hrkernels::<name>`` for an op that runs the same (device-generic
+    PyTorch) code on every backend, and return its :class:`RegisteredOp`."""
     return lambda implementation: RegisteredOp(name, implementation)

@@ -1,6 +1,9 @@
 """The ``blur`` ops: separable Gaussian blur and FreeScale's frequency fusion. Public wrappers
-validate, registered ``hrkernels::`` operators dispatch (see ``hrkernels/ops/_backend.py``), the
-Triton launcher picks tiles and grids."""
+validate; each registered ``hrkernels::`` operator dispatches through its implementation table
+(``"torch"``: ``reference.py``; ``"triton"``: the launcher here, which picks the kernel, tiles and
+grid, and applies to kernel sizes up to ``MAX_TRITON_KERNEL_SIZE`` and images whose in-image
+offsets fit int32; see ``hrkernels/ops/_backend.py``). Both outputs are shaped like the first
+input: the shared fake."""
 
 from __future__ import annotations
 
@@ -11,7 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from hrkernels.ops._backend import interpreter_enabled, registered_op, select_backend
+from hrkernels.ops._backend import (
+    Implementation,
+    dispatched_op,
+    fake_like_first_input,
+    interpreter_enabled,
+)
 from hrkernels.ops._checks import check_feature_map, output_memory_format
 from hrkernels.ops._launch import (
     channels_contiguous,
@@ -310,12 +318,10 @@ def _blur_triton(
     return out
 
 
-def _use_triton(op: str, kernel_size: int, *tensors: torch.Tensor) -> bool:
-    """The Triton kernel runs when the backend says so, for ``K <= 15`` and images whose in-image
-    offsets fit int32; otherwise the reference (same result)."""
-    backend = select_backend(op, tensors[0].device)
-    return (backend == "triton" and kernel_size <= MAX_TRITON_KERNEL_SIZE
-            and image_offsets_fit_int32(*tensors))
+def _kernel_applies(kernel_size: int, *tensors: torch.Tensor) -> bool:
+    """The Triton kernel covers ``K <= MAX_TRITON_KERNEL_SIZE`` and images whose in-image offsets
+    fit int32; other calls run the reference (same result)."""
+    return kernel_size <= MAX_TRITON_KERNEL_SIZE and image_offsets_fit_int32(*tensors)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,20 +329,27 @@ def _use_triton(op: str, kernel_size: int, *tensors: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-@registered_op("gaussian_blur2d")
-def _gaussian_blur2d_op(
+def _gaussian_blur2d_reference(
     x: torch.Tensor, sigma_value: float, sigma_tensor: torch.Tensor | None, kernel_size: int
 ) -> torch.Tensor:
-    if _use_triton("gaussian_blur2d", kernel_size, x):
-        return _blur_triton(x, None, sigma_value, sigma_tensor, kernel_size, False)
     return reference.gaussian_blur2d(x, _sigma_arg(sigma_value, sigma_tensor), kernel_size,
                                      output_memory_format(x))
 
 
-@_gaussian_blur2d_op.register_fake
-def _(x, sigma_value, sigma_tensor, kernel_size):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device,
-                       memory_format=output_memory_format(x))
+def _gaussian_blur2d_triton(x, sigma_value, sigma_tensor, kernel_size):
+    return _blur_triton(x, None, sigma_value, sigma_tensor, kernel_size, False)
+
+
+def _gaussian_blur2d_applies(x, sigma_value, sigma_tensor, kernel_size):
+    return _kernel_applies(kernel_size, x)
+
+
+_gaussian_blur2d_op = dispatched_op(
+    "gaussian_blur2d",
+    {"torch": Implementation(_gaussian_blur2d_reference),
+     "triton": Implementation(_gaussian_blur2d_triton, applies=_gaussian_blur2d_applies)},
+    fake=fake_like_first_input,
+)
 
 
 def gaussian_blur2d(x: torch.Tensor, sigma: Sigma, kernel_size: int | None = None) -> torch.Tensor:
@@ -372,10 +385,16 @@ def gaussian_blur2d(x: torch.Tensor, sigma: Sigma, kernel_size: int | None = Non
         torch.Size([1, 4, 128, 128])
         >>> out = gaussian_blur2d(x, torch.tensor(0.8), kernel_size=7)
     """
+    return _gaussian_blur2d_op(*_blur_arguments(x, sigma, kernel_size))
+
+
+def _blur_arguments(x: torch.Tensor, sigma: Sigma, kernel_size: int | None,
+                    ) -> tuple[torch.Tensor, float, torch.Tensor | None, int]:
+    """:func:`gaussian_blur2d`'s checks; its operator's arguments."""
     check_feature_map(x)
     sigma_value, sigma_tensor = _check_sigma(sigma, x.device)
     kernel_size = _check_kernel_size(kernel_size, sigma_value, sigma_tensor)
-    return _gaussian_blur2d_op(x, sigma_value, sigma_tensor, kernel_size)
+    return x, sigma_value, sigma_tensor, kernel_size
 
 
 # --------------------------------------------------------------------------------------------------
@@ -383,21 +402,26 @@ def gaussian_blur2d(x: torch.Tensor, sigma: Sigma, kernel_size: int | None = Non
 # --------------------------------------------------------------------------------------------------
 
 
-@registered_op("frequency_fusion")
-def _frequency_fusion_op(
+def _frequency_fusion_reference(
     global_: torch.Tensor, local: torch.Tensor, sigma_value: float,
     sigma_tensor: torch.Tensor | None, kernel_size: int, feature_blur: bool,
 ) -> torch.Tensor:
-    if _use_triton("frequency_fusion", kernel_size, global_, local):
-        return _blur_triton(global_, local, sigma_value, sigma_tensor, kernel_size, feature_blur)
     return reference.frequency_fusion(global_, local, _sigma_arg(sigma_value, sigma_tensor),
                                       kernel_size, feature_blur, output_memory_format(global_))
 
 
-@_frequency_fusion_op.register_fake
-def _(global_, local, sigma_value, sigma_tensor, kernel_size, feature_blur):
-    return torch.empty(global_.shape, dtype=global_.dtype, device=global_.device,
-                       memory_format=output_memory_format(global_))
+def _frequency_fusion_applies(global_, local, sigma_value, sigma_tensor, kernel_size,
+                              feature_blur):
+    return _kernel_applies(kernel_size, global_, local)
+
+
+# The launcher takes the operator's arguments (then an optional plan): it is the Triton entry.
+_frequency_fusion_op = dispatched_op(
+    "frequency_fusion",
+    {"torch": Implementation(_frequency_fusion_reference),
+     "triton": Implementation(_blur_triton, applies=_frequency_fusion_applies)},
+    fake=fake_like_first_input,
+)
 
 
 def frequency_fusion(
@@ -438,6 +462,15 @@ def frequency_fusion(
         >>> frequency_fusion(g, l, 1.0, 3).shape
         torch.Size([2, 640, 128, 128])
     """
+    return _frequency_fusion_op(*_fusion_arguments(global_, local, sigma, kernel_size,
+                                                   feature_blur))
+
+
+def _fusion_arguments(
+    global_: torch.Tensor, local: torch.Tensor, sigma: Sigma, kernel_size: int | None,
+    feature_blur: bool,
+) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None, int, bool]:
+    """:func:`frequency_fusion`'s checks; its operator's arguments."""
     check_feature_map(global_, "global_")
     check_feature_map(local, "local")
     if local.shape != global_.shape:
@@ -451,5 +484,4 @@ def frequency_fusion(
         raise TypeError(f"feature_blur must be a bool; got {feature_blur!r}")
     sigma_value, sigma_tensor = _check_sigma(sigma, global_.device)
     kernel_size = _check_kernel_size(kernel_size, sigma_value, sigma_tensor)
-    return _frequency_fusion_op(global_, local, sigma_value, sigma_tensor, kernel_size,
-                                feature_blur)
+    return global_, local, sigma_value, sigma_tensor, kernel_size, feature_blur

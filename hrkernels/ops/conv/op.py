@@ -1,10 +1,12 @@
 """The ``conv`` ops: ScaleCrafter's re-dilated (integer and fractional) convolution.
 
-The public wrapper validates, the registered ``hrkernels::dilated_conv2d`` operator dispatches (see
-``hrkernels/ops/_backend.py``): integer dilation always runs cuDNN/ATen's ``F.conv2d`` (already at
-parity with a plain convolution; no kernel can win there); fractional dilation runs, on the Triton
-backend, the exact reformulation of README.md (Triton row blend -> one GEMM -> Triton column blend)
-and, on the torch backend, the unfused chain of ``reference.py``.
+The public wrapper validates; the registered ``hrkernels::dilated_conv2d`` operator dispatches
+through its implementation table (see ``hrkernels/ops/_backend.py``). ``"torch"``: ``reference.py``,
+which for integer dilation is cuDNN/ATen's ``F.conv2d`` (already at parity with a plain
+convolution; no kernel can win there) and for fractional dilation the unfused chain.
+``"triton"``: the exact reformulation of README.md (Triton row blend -> one GEMM -> Triton column
+blend), which applies to fractional dilation only: integer dilation runs the reference (cuDNN) on
+every backend.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from numbers import Real
 
 import torch
 
-from hrkernels.ops._backend import interpreter_enabled, registered_op, select_backend
+from hrkernels.ops._backend import Implementation, dispatched_op, interpreter_enabled
 from hrkernels.ops._checks import as_pair, check_feature_map, output_memory_format
 from hrkernels.ops._launch import (
     RowTile,
@@ -70,7 +72,7 @@ def _blend_tile(channels: int, width: int, channels_fastest: bool) -> RowTile:
 CHUNK_BYTES = 1 << 28
 
 
-def _fractional_triton(x, weight, bias, dilation, stride, memory_format):
+def _fractional_triton(x, weight, bias, dilation, stride_h, stride_w):
     from hrkernels.ops.conv.kernels import (
         _col_blend_kernel,
         _gemm_weight_kernel,
@@ -79,9 +81,9 @@ def _fractional_triton(x, weight, bias, dilation, stride, memory_format):
 
     batch, channels_in, height, width = x.shape
     channels_out, kernel_size = weight.shape[0], weight.shape[-1]
-    height_out, width_out = reference.output_size(height, width, stride)
+    height_out, width_out = reference.output_size(height, width, (stride_h, stride_w))
     row_first, row_weight, col_first, col_weight, taps = _device_tables(
-        height, width, dilation, stride[0], stride[1], kernel_size, x.device)
+        height, width, dilation, stride_h, stride_w, kernel_size, x.device)
     # The GEMM's B operand: [(a, i), (b, o)] = weight[o, i, a, b] (torch's permute-copy of an
     # OIHW weight runs at a fraction of the bandwidth: a quarter of the op's time at C = 1280).
     w_cat = torch.empty((kernel_size * channels_in, kernel_size * channels_out), dtype=x.dtype,
@@ -92,7 +94,7 @@ def _fractional_triton(x, weight, bias, dilation, stride, memory_format):
         KERNEL=kernel_size, BLOCK_I=block, BLOCK_O=block, num_warps=4,
     )
     out = empty_output((batch, channels_out, height_out, width_out), x.dtype, x.device,
-                       memory_format)
+                       output_memory_format(x))
     rows = batch * height_out
     row_bytes = width * kernel_size * max(channels_in, channels_out) * x.element_size()
     chunk = max(1, min(rows, CHUNK_BYTES // row_bytes))
@@ -129,24 +131,31 @@ def _fractional_triton(x, weight, bias, dilation, stride, memory_format):
 # --------------------------------------------------------------------------------------------------
 
 
-@registered_op("dilated_conv2d")
-def _dilated_conv2d_op(
+def _dilated_conv2d_reference(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: float,
     stride_h: int, stride_w: int,
 ) -> torch.Tensor:
-    memory_format = output_memory_format(x)
-    stride = (stride_h, stride_w)
-    if not float(dilation).is_integer() and select_backend("dilated_conv2d", x.device) == "triton":
-        return _fractional_triton(x, weight, bias, dilation, stride, memory_format)
+    return reference.dilated_conv2d(x, weight, bias, dilation, (stride_h, stride_w),
+                                    output_memory_format(x))
+
+
+def _is_fractional(x, weight, bias, dilation, stride_h, stride_w):
     # Integer dilation: cuDNN (or ATen on CPU) is at parity with a plain convolution already.
-    return reference.dilated_conv2d(x, weight, bias, dilation, stride, memory_format)
+    return not float(dilation).is_integer()
 
 
-@_dilated_conv2d_op.register_fake
-def _(x, weight, bias, dilation, stride_h, stride_w):
+def _dilated_conv2d_fake(x, weight, bias, dilation, stride_h, stride_w):
     height_out, width_out = reference.output_size(x.shape[2], x.shape[3], (stride_h, stride_w))
     return torch.empty((x.shape[0], weight.shape[0], height_out, width_out), dtype=x.dtype,
                        device=x.device, memory_format=output_memory_format(x))
+
+
+_dilated_conv2d_op = dispatched_op(
+    "dilated_conv2d",
+    {"torch": Implementation(_dilated_conv2d_reference),
+     "triton": Implementation(_fractional_triton, applies=_is_fractional)},
+    fake=_dilated_conv2d_fake,
+)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """The ``stats`` op: statistical matching of dilated sub-lattices (APT) and global renormalisation
-(DemoFusion). The public wrapper validates, the registered ``hrkernels::match_stats`` operator
-dispatches (see ``hrkernels/ops/_backend.py``), the Triton launcher sizes the two launches."""
+(DemoFusion). The public wrapper validates; the registered ``hrkernels::match_stats`` operator
+dispatches through its implementation table (``"torch"``: ``reference.py``; ``"triton"``: the
+launcher here, which sizes the launches and applies to images whose in-image offsets fit int32;
+see ``hrkernels/ops/_backend.py``). The output is shaped like the input: the shared fake."""
 
 from __future__ import annotations
 
@@ -12,7 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from hrkernels.ops._backend import interpreter_enabled, registered_op, select_backend
+from hrkernels.ops._backend import (
+    Implementation,
+    dispatched_op,
+    fake_like_first_input,
+    interpreter_enabled,
+)
 from hrkernels.ops._checks import as_pair, check_feature_map, output_memory_format
 from hrkernels.ops._launch import (
     channels_contiguous,
@@ -95,8 +102,9 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 @dataclass(frozen=True)
-class _Plan:
-    """How ``match_stats`` launches for one shape/layout: tiles, chunks, grid, kernel sizes."""
+class MatchStatsPlan:
+    """How ``match_stats`` launches for one shape/layout (``op._plan``): tiles, chunks, grid,
+    kernel sizes."""
 
     block_w: int
     block_c: int
@@ -116,7 +124,7 @@ class _Plan:
 @functools.lru_cache(maxsize=256)
 def _plan(shape: tuple[int, ...], channels_last_tiles: bool, sh: int, sw: int, per_channel: bool,
           device: torch.device, programs_per_sm: int | None = None, unroll_stats: int | None = None,
-          unroll_normalize: int = 4) -> _Plan:
+          unroll_normalize: int = 4) -> MatchStatsPlan:
     """The launch plan (cached: the op is launch-bound at latent sizes, so a repeated call only
     allocates and launches). Knobs (``bench/tune_stats.py`` sweeps them): programs per SM the
     chunks aim for, rows per loop iteration of each pass (2 under the interpreter). Tuned on the
@@ -155,7 +163,7 @@ def _plan(shape: tuple[int, ...], channels_last_tiles: bool, sh: int, sw: int, p
     num_warps = tile.num_warps
     if fused:  # each program reads its whole group: 8 warps of loads in flight
         num_warps = max(num_warps, min(8, tile.block_w * tile.block_c // 64))
-    return _Plan(
+    return MatchStatsPlan(
         block_w=tile.block_w, block_c=tile.block_c, num_warps=num_warps,
         sizes=(channels, lattice_w, sh, sw, blocks_w, group_blocks_c, loop_blocks_c, chunks,
                lattice_h, rows_per_chunk),
@@ -183,7 +191,8 @@ def _launchers():
 
 def _match_stats_triton(
     x: torch.Tensor, mean_value: float, mean_tensor: torch.Tensor | None, std_value: float,
-    std_tensor: torch.Tensor | None, sh: int, sw: int, per_channel: bool, plan: _Plan | None = None,
+    std_tensor: torch.Tensor | None, sh: int, sw: int, per_channel: bool,
+    plan: MatchStatsPlan | None = None,
 ) -> torch.Tensor:
     partial_stats, normalize, fused = _launchers()
     out = output_like(x)
@@ -226,23 +235,26 @@ def _match_stats_triton(
 # --------------------------------------------------------------------------------------------------
 
 
-@registered_op("match_stats")
-def _match_stats_op(
+def _match_stats_reference(
     x: torch.Tensor, mean_value: float, mean_tensor: torch.Tensor | None, std_value: float,
     std_tensor: torch.Tensor | None, sh: int, sw: int, per_channel: bool,
 ) -> torch.Tensor:
-    if select_backend("match_stats", x.device) == "triton" and image_offsets_fit_int32(x):
-        return _match_stats_triton(x, mean_value, mean_tensor, std_value, std_tensor, sh, sw,
-                                   per_channel)
     mean = mean_value if mean_tensor is None else mean_tensor
     std = std_value if std_tensor is None else std_tensor
     return reference.match_stats(x, mean, std, (sh, sw), per_channel, output_memory_format(x))
 
 
-@_match_stats_op.register_fake
-def _(x, mean_value, mean_tensor, std_value, std_tensor, sh, sw, per_channel):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device,
-                       memory_format=output_memory_format(x))
+def _offsets_fit_int32(x, mean_value, mean_tensor, std_value, std_tensor, sh, sw, per_channel):
+    return image_offsets_fit_int32(x)
+
+
+# The launcher takes the operator's arguments (then an optional plan): it is the Triton entry.
+_match_stats_op = dispatched_op(
+    "match_stats",
+    {"torch": Implementation(_match_stats_reference),
+     "triton": Implementation(_match_stats_triton, applies=_offsets_fit_int32)},
+    fake=fake_like_first_input,
+)
 
 
 def match_stats(
@@ -296,6 +308,13 @@ def match_stats(
         >>> out[:, :, 0::2, 1::2].std().item()  # doctest: +SKIP
         1.0...
     """
+    return _match_stats_op(*_match_stats_arguments(x, mean, std, factor, per_channel))
+
+
+def _match_stats_arguments(
+    x: torch.Tensor, mean: Target, std: Target, factor: int | Sequence[int], per_channel: bool,
+) -> tuple[torch.Tensor, float, torch.Tensor | None, float, torch.Tensor | None, int, int, bool]:
+    """:func:`match_stats`'s checks; its operator's arguments."""
     check_feature_map(x)
     sh, sw = as_pair(factor, "factor")
     if x.shape[2] % sh or x.shape[3] % sw:
@@ -305,4 +324,4 @@ def match_stats(
         raise TypeError(f"per_channel must be a bool; got {per_channel!r}")
     mean_value, mean_tensor = _check_target(mean, "mean", x, per_channel)
     std_value, std_tensor = _check_target(std, "std", x, per_channel)
-    return _match_stats_op(x, mean_value, mean_tensor, std_value, std_tensor, sh, sw, per_channel)
+    return x, mean_value, mean_tensor, std_value, std_tensor, sh, sw, per_channel

@@ -1,6 +1,8 @@
 """The ``views`` ops: cut a latent or feature map into windows or dilated sub-lattices and put the
-results back. Public wrappers validate, registered ``hrkernels::`` operators dispatch (see
-``hrkernels/ops/_backend.py``), Triton launchers pick tiles and grids."""
+results back. Public wrappers validate; each registered ``hrkernels::`` operator dispatches
+through its implementation table (``"torch"``: ``reference.py``, ``"triton"``: the launchers here,
+which pick tiles and grids; see ``hrkernels/ops/_backend.py``); each has its own fake (the output
+shapes differ from the input's)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from hrkernels.ops._backend import registered_op, select_backend
+from hrkernels.ops._backend import Implementation, dispatched_op
 from hrkernels.ops._checks import (
     as_pair,
     check_feature_map,
@@ -113,12 +115,18 @@ def window_grid(
 # --------------------------------------------------------------------------------------------------
 
 
-def _gather_windows_triton(x, starts, window_h, window_w, memory_format):
+def _gather_windows_reference(
+    x: torch.Tensor, starts: torch.Tensor, window_h: int, window_w: int, channels_last: bool
+) -> torch.Tensor:
+    return reference.gather_windows(x, starts, (window_h, window_w), _format(channels_last))
+
+
+def _gather_windows_triton(x, starts, window_h, window_w, channels_last):
     from hrkernels.ops.views.kernels import _gather_windows_kernel
 
     count, (batch, channels, height, width) = starts.shape[0], x.shape
     out = empty_output((count * batch, channels, window_h, window_w), x.dtype, x.device,
-                       memory_format)
+                       _format(channels_last))
     tile = row_tile(channels, window_w, channels_contiguous(x, out))
     blocks_w, blocks_c = tile.blocks(window_w, channels)
     grid = (batch * count * window_h * blocks_w * blocks_c,)
@@ -130,20 +138,17 @@ def _gather_windows_triton(x, starts, window_h, window_w, memory_format):
     return out
 
 
-@registered_op("gather_windows")
-def _gather_windows_op(
-    x: torch.Tensor, starts: torch.Tensor, window_h: int, window_w: int, channels_last: bool
-) -> torch.Tensor:
-    memory_format = _format(channels_last)
-    if select_backend("gather_windows", x.device) == "triton":
-        return _gather_windows_triton(x, starts, window_h, window_w, memory_format)
-    return reference.gather_windows(x, starts, (window_h, window_w), memory_format)
-
-
-@_gather_windows_op.register_fake
-def _(x, starts, window_h, window_w, channels_last):
+def _gather_windows_fake(x, starts, window_h, window_w, channels_last):
     shape = (starts.shape[0] * x.shape[0], x.shape[1], window_h, window_w)
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_format(channels_last))
+
+
+_gather_windows_op = dispatched_op(
+    "gather_windows",
+    {"torch": Implementation(_gather_windows_reference),
+     "triton": Implementation(_gather_windows_triton)},
+    fake=_gather_windows_fake,
+)
 
 
 def gather_windows(
@@ -199,14 +204,23 @@ def gather_windows(
 # --------------------------------------------------------------------------------------------------
 
 
-def _scatter_windows_mean_triton(views, starts, height, width, weights, memory_format):
+def _scatter_windows_mean_reference(
+    views: torch.Tensor, starts: torch.Tensor, height: int, width: int,
+    weights: torch.Tensor | None, channels_last: bool,
+) -> torch.Tensor:
+    return reference.scatter_windows_mean(views, starts, (height, width), weights,
+                                          _format(channels_last))
+
+
+def _scatter_windows_mean_triton(views, starts, height, width, weights, channels_last):
     from hrkernels.ops._backend import interpreter_enabled
     from hrkernels.ops.views.kernels import _scatter_windows_mean_kernel
 
     count = starts.shape[0]
     batch = views.shape[0] // count
     channels, window_h, window_w = views.shape[1:]
-    out = empty_output((batch, channels, height, width), views.dtype, views.device, memory_format)
+    out = empty_output((batch, channels, height, width), views.dtype, views.device,
+                       _format(channels_last))
     tile = row_tile(channels, width, channels_contiguous(views, out), elements=2048)
     block_h = 1 if interpreter_enabled() else 4  # 4 rows amortise the loop over the views
     blocks_w, blocks_c = tile.blocks(width, channels)
@@ -222,22 +236,18 @@ def _scatter_windows_mean_triton(views, starts, height, width, weights, memory_f
     return out
 
 
-@registered_op("scatter_windows_mean")
-def _scatter_windows_mean_op(
-    views: torch.Tensor, starts: torch.Tensor, height: int, width: int,
-    weights: torch.Tensor | None, channels_last: bool,
-) -> torch.Tensor:
-    memory_format = _format(channels_last)
-    if select_backend("scatter_windows_mean", views.device) == "triton":
-        return _scatter_windows_mean_triton(views, starts, height, width, weights, memory_format)
-    return reference.scatter_windows_mean(views, starts, (height, width), weights, memory_format)
-
-
-@_scatter_windows_mean_op.register_fake
-def _(views, starts, height, width, weights, channels_last):
+def _scatter_windows_mean_fake(views, starts, height, width, weights, channels_last):
     shape = (views.shape[0] // starts.shape[0], views.shape[1], height, width)
     return torch.empty(shape, dtype=views.dtype, device=views.device,
                        memory_format=_format(channels_last))
+
+
+_scatter_windows_mean_op = dispatched_op(
+    "scatter_windows_mean",
+    {"torch": Implementation(_scatter_windows_mean_reference),
+     "triton": Implementation(_scatter_windows_mean_triton)},
+    fake=_scatter_windows_mean_fake,
+)
 
 
 def scatter_windows_mean(
@@ -313,42 +323,56 @@ def _dilated_copy_triton(full, views, factor, to_views):
     )
 
 
-@registered_op("gather_dilated")
-def _gather_dilated_op(x: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
-    memory_format = output_memory_format(x)
-    if select_backend("gather_dilated", x.device) == "triton":
-        batch, channels, height, width = x.shape
-        views = empty_output((sh * sw * batch, channels, height // sh, width // sw), x.dtype,
-                             x.device, memory_format)
-        _dilated_copy_triton(x, views, (sh, sw), to_views=True)
-        return views
-    return reference.gather_dilated(x, (sh, sw), memory_format)
+def _gather_dilated_reference(x: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
+    return reference.gather_dilated(x, (sh, sw), output_memory_format(x))
 
 
-@_gather_dilated_op.register_fake
-def _(x, sh, sw):
+def _gather_dilated_triton(x, sh, sw):
+    batch, channels, height, width = x.shape
+    views = empty_output((sh * sw * batch, channels, height // sh, width // sw), x.dtype,
+                         x.device, output_memory_format(x))
+    _dilated_copy_triton(x, views, (sh, sw), to_views=True)
+    return views
+
+
+def _gather_dilated_fake(x, sh, sw):
     batch, channels, height, width = x.shape
     return torch.empty((sh * sw * batch, channels, height // sh, width // sw), dtype=x.dtype,
                        device=x.device, memory_format=output_memory_format(x))
 
 
-@registered_op("scatter_dilated")
-def _scatter_dilated_op(views: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
-    memory_format = output_memory_format(views)
-    if select_backend("scatter_dilated", views.device) == "triton":
-        count, channels, view_h, view_w = views.shape
-        full = empty_output((count // (sh * sw), channels, view_h * sh, view_w * sw), views.dtype,
-                            views.device, memory_format)
-        _dilated_copy_triton(full, views, (sh, sw), to_views=False)
-        return full
-    return reference.scatter_dilated(views, (sh, sw), memory_format)
+_gather_dilated_op = dispatched_op(
+    "gather_dilated",
+    {"torch": Implementation(_gather_dilated_reference),
+     "triton": Implementation(_gather_dilated_triton)},
+    fake=_gather_dilated_fake,
+)
 
 
-@_scatter_dilated_op.register_fake
-def _(views, sh, sw):
+def _scatter_dilated_reference(views: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
+    return reference.scatter_dilated(views, (sh, sw), output_memory_format(views))
+
+
+def _scatter_dilated_triton(views, sh, sw):
+    count, channels, view_h, view_w = views.shape
+    full = empty_output((count // (sh * sw), channels, view_h * sh, view_w * sw), views.dtype,
+                        views.device, output_memory_format(views))
+    _dilated_copy_triton(full, views, (sh, sw), to_views=False)
+    return full
+
+
+def _scatter_dilated_fake(views, sh, sw):
     count, channels, view_h, view_w = views.shape
     return torch.empty((count // (sh * sw), channels, view_h * sh, view_w * sw), dtype=views.dtype,
                        device=views.device, memory_format=output_memory_format(views))
+
+
+_scatter_dilated_op = dispatched_op(
+    "scatter_dilated",
+    {"torch": Implementation(_scatter_dilated_reference),
+     "triton": Implementation(_scatter_dilated_triton)},
+    fake=_scatter_dilated_fake,
+)
 
 
 def gather_dilated(x: torch.Tensor, factor: IntPair) -> torch.Tensor:
