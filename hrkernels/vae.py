@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["decode", "encode"]
+__all__ = ["decode", "encode", "scale_factor"]
 
 
 def _check_vae(vae: Any) -> None:
@@ -29,6 +29,19 @@ def _check_vae(vae: Any) -> None:
         if not hasattr(vae, attribute):
             raise TypeError("vae must be a diffusers VAE (AutoencoderKL); got "
                             f"{type(vae).__name__}")
+
+
+def scale_factor(vae: Any) -> int:
+    """``f``: image pixels per latent pixel of ``vae`` (8 for the SD VAEs)."""
+    _check_vae(vae)
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _check_tensor(value: Any, name: str, channels: int | None, layout: str) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a {layout} torch.Tensor; got {type(value).__name__}")
+    if value.dim() != 4 or (channels is not None and value.shape[1] != channels):
+        raise ValueError(f"{name} must be a {layout} tensor; got shape {tuple(value.shape)}")
 
 
 def _latent_normalisation(vae: Any, channels: int, device: torch.device,
@@ -88,9 +101,7 @@ def decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
         torch.Size([1, 3, 128, 128])
     """
     _check_vae(vae)
-    if not isinstance(latents, torch.Tensor) or latents.dim() != 4:
-        raise ValueError("latents must be a [B, C, h, w] tensor; got "
-                         f"{getattr(latents, 'shape', type(latents).__name__)}")
+    _check_tensor(latents, "latents", None, "[B, C, h, w]")
     with _prepared(vae, max(latents.shape[-2:])):
         z = latents.to(vae.dtype)
         mean, std = _latent_normalisation(vae, z.shape[1], z.device, z.dtype)
@@ -115,12 +126,8 @@ def encode(vae: Any, images: torch.Tensor, generator: torch.Generator | None = N
     Returns:
         ``[B, C, H / f, W / f]`` float32 scaled latents.
     """
-    _check_vae(vae)
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError("images must be a [B, 3, H, W] tensor; got "
-                         f"{getattr(images, 'shape', type(images).__name__)}")
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    with _prepared(vae, max(images.shape[-2:]) // factor):
+    _check_tensor(images, "images", 3, "[B, 3, H, W]")
+    with _prepared(vae, max(images.shape[-2:]) // scale_factor(vae)):
         posterior = vae.encode(images.to(vae.dtype)).latent_dist
         z = posterior.sample(generator) if sample else posterior.mode()
         z = z.float()

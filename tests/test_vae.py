@@ -56,5 +56,20 @@ def test_bad_input(sdxl_vae):
         vae.decode(object(), torch.zeros(1, 4, 8, 8))
     with pytest.raises(ValueError, match="latents"):
         vae.decode(sdxl_vae, torch.zeros(4, 8, 8))
+    with pytest.raises(TypeError, match="latents"):
+        vae.decode(sdxl_vae, [[0.0]])
     with pytest.raises(ValueError, match="images"):
         vae.encode(sdxl_vae, torch.zeros(1, 4, 64, 64))
+
+
+def test_an_fp16_vae_with_force_upcast_decodes_in_fp32_and_stays_fp16():
+    vae_16 = tiny_pipeline("sdxl").vae.half()
+    assert vae_16.config.force_upcast
+    images = vae.decode(vae_16, torch.randn(1, 4, 8, 8))
+    assert images.dtype == torch.float32 and vae_16.dtype == torch.float16
+    latents = vae.encode(vae_16, images.clamp(-1, 1), generator=torch.Generator().manual_seed(0))
+    assert latents.dtype == torch.float32 and vae_16.dtype == torch.float16
+
+
+def test_scale_factor(sdxl_vae):
+    assert vae.scale_factor(sdxl_vae) == 8

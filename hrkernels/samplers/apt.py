@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
 from hrkernels import ops
-from hrkernels._validate import check_bool, check_int, check_real
+from hrkernels._validate import check_bool, check_int, check_real, check_reals
 from hrkernels.samplers.demofusion import DemoFusion
 from hrkernels.samplers.engine import Executor
 from hrkernels.samplers.schedulers import fresh_scheduler
@@ -92,26 +92,24 @@ class APT(DemoFusion):
             if scale_aware_eta is not None:
                 raise ValueError("pass scale_aware_eta only (eta is its deprecated name)")
             scale_aware_eta = eta
-        if scale_aware_eta is not None:
-            values = (scale_aware_eta if isinstance(scale_aware_eta, Sequence)
-                      and not isinstance(scale_aware_eta, str) else [scale_aware_eta])
-            if not values:
+        if isinstance(scale_aware_eta, Sequence) and not isinstance(scale_aware_eta, str):
+            if not scale_aware_eta:
                 raise ValueError("scale_aware_eta must not be an empty sequence")
-            for index, value in enumerate(values):
-                check_real(value, "scale_aware_eta" if len(values) == 1 else
-                           f"scale_aware_eta[{index}]", greater_than=0)
+            scale_aware_eta = check_reals(scale_aware_eta, "scale_aware_eta", greater_than=0)
+        elif scale_aware_eta is not None:
+            scale_aware_eta = check_real(scale_aware_eta, "scale_aware_eta", greater_than=0)
         self.scale_aware_eta = scale_aware_eta
         self.shortcut_steps = (None if shortcut_steps is None
                                else check_int(shortcut_steps, "shortcut_steps", minimum=1))
         self.per_channel = check_bool(per_channel, "per_channel")
-        config = pipe.scheduler.config
+        config = self.scheduler_template.config
         for key in ("beta_start", "beta_end", "num_train_timesteps"):
             if key not in config:
                 raise TypeError(f"APT needs a scheduler config with {key} (scale-aware betas); "
-                                f"{type(pipe.scheduler).__name__} has none")
+                                f"{type(self.scheduler_template).__name__} has none")
 
     def check_call(self, sizes: list[tuple[int, int]], num_inference_steps: int,
-                   step_options: dict[str, Any]) -> None:
+                   step_options: dict[str, Any], **method_options: Any) -> None:
         if step_options.get("eta", 0) != 0:
             raise ValueError("APT samples with DDIM eta = 0 (the paper's Algorithm 1); "
                              f"step_options eta={step_options['eta']!r} is not supported (the two "
@@ -157,19 +155,19 @@ class APT(DemoFusion):
                      device: torch.device) -> StageSchedule:
         """DDIM; stages >= 2 add the local path's scale-aware DDIM (``"local"``), start at the
         shortcut and noise with the scale-aware table."""
-        template, steps = self.pipe.scheduler, num_inference_steps
+        template, steps, cls = self.scheduler_template, num_inference_steps, self.scheduler_class()
         if stage == 1:
-            return stage_schedule(template, steps, device, scheduler_class=DDIMScheduler,
-                                  begin_index=False)
+            return stage_schedule(template, steps, device, scheduler_class=cls,
+                                  set_begin_index=False)
         config = template.config
         betas = scale_aware_betas(config.beta_start, config.beta_end, self.stage_eta(stage, sizes),
                                   config.num_train_timesteps).tolist()
-        local = fresh_scheduler(template, steps, begin_index=None, scheduler_class=DDIMScheduler,
+        local = fresh_scheduler(template, steps, begin_index=None, scheduler_class=cls,
                                 trained_betas=betas)
-        return stage_schedule(template, steps, device, scheduler_class=DDIMScheduler,
+        return stage_schedule(template, steps, device, scheduler_class=cls,
                               start=self.start_index(stage, steps), noised=True,
                               noise_overrides={"trained_betas": betas}, extra={"local": local},
-                              begin_index=False)
+                              set_begin_index=False)
 
     def combine_step(self, schedule: StageSchedule, step: int, eps_global: torch.Tensor,
                      eps_local: torch.Tensor, c2: float, zh: torch.Tensor,

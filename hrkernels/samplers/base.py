@@ -5,13 +5,15 @@ output. A method subclasses :class:`Sampler` and implements :meth:`Sampler.stage
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
 
 from hrkernels._validate import check_bool, check_choice, check_int, check_real
+from hrkernels.patching import is_patched, patch_state, set_step
 from hrkernels.samplers.engine import (
     Engine,
     Executor,
@@ -21,7 +23,11 @@ from hrkernels.samplers.engine import (
 )
 from hrkernels.samplers.outputs import SamplerOutput, StageResult
 from hrkernels.samplers.pipelines import OUTPUT_TYPES, adapter_for
-from hrkernels.samplers.schedulers import check_step_options, sampling_scheduler_class
+from hrkernels.samplers.schedulers import (
+    check_step_options,
+    requested_scheduler,
+    sampling_scheduler_class,
+)
 from hrkernels.samplers.stages import Run, StepCallback, resolve_generator
 
 __all__ = ["Sampler"]
@@ -38,13 +44,15 @@ class Sampler:
         default_scheduler: the scheduler class the method samples with when the user names none
             (None: the pipeline's own).
         families: the pipeline families it supports (None: every registered adapter's).
+        default_guidance_scale: ``guidance_scale`` when the call gives None (7.5).
 
     Args:
         pipe: the diffusers pipeline.
         view_batch_size: views per model call, or ``"auto"`` (as many as the free device memory
             allows; 8 on a CPU). One batch size per view shape for the whole run.
-        scheduler: a diffusers scheduler class (or instance, whose class is taken) to sample
-            with, built from the pipeline's scheduler config; None: the method's default.
+        scheduler: a diffusers scheduler class to sample with, built from the pipeline's
+            scheduler config, or a scheduler instance, built from its own config; None: the
+            method's default.
         executor: runs the model calls (:class:`hrkernels.samplers.engine.LocalExecutor` by
             default; a multi-GPU executor shares them across ranks).
     """
@@ -53,17 +61,14 @@ class Sampler:
     needs_sample: ClassVar[bool] = False
     default_scheduler: ClassVar[type | None] = None
     families: ClassVar[tuple[str, ...] | None] = ("sd", "sdxl")
+    default_guidance_scale: float = 7.5
 
     def __init__(self, pipe: Any, *, view_batch_size: int | str = "auto", scheduler: Any = None,
                  executor: Executor | None = None) -> None:
         self.adapter = adapter_for(pipe, self.name, self.families)
         self.pipe = pipe
         self.view_batch_size = check_view_batch_size(view_batch_size)
-        if scheduler is not None and not (isinstance(scheduler, type)
-                                          or hasattr(scheduler, "config")):
-            raise TypeError(f"scheduler must be None, a diffusers scheduler class or a "
-                            f"scheduler; got {scheduler!r}")
-        self.scheduler = scheduler
+        self.scheduler, self._scheduler_template = requested_scheduler(scheduler, self.name)
         if executor is not None and not callable(getattr(executor, "run", None)):
             raise TypeError(f"executor must have a run(evaluate, calls, consume) method; got "
                             f"{executor!r}")
@@ -77,29 +82,44 @@ class Sampler:
         raise NotImplementedError
 
     def check_call(self, sizes: list[tuple[int, int]], num_inference_steps: int,
-                   step_options: dict[str, Any]) -> None:
+                   step_options: dict[str, Any], **method_options: Any) -> None:
         """Method-specific checks of a call, before any model work (default: none)."""
 
     def generate(self, run: Run, sizes: list[tuple[int, int]]) -> list[StageResult]:
-        """Run the stages; one :class:`StageResult` per stage (latents float32)."""
+        """Run the stages; one :class:`StageResult` per stage (latents float32). Method call
+        options (:meth:`sample`'s ``method_options``) are in ``run.options``."""
         raise NotImplementedError
 
-    # -- the call ---------------------------------------------------------------------------------
+    # -- schedulers -------------------------------------------------------------------------------
+
+    @property
+    def scheduler_template(self) -> Any:
+        """The scheduler whose config every scheduler of a run is built from: the ``scheduler``
+        instance given to the constructor, else the pipeline's."""
+        return self._scheduler_template or self.pipe.scheduler
 
     def scheduler_class(self) -> type:
         """The scheduler class this sampler steps with (see :class:`Sampler`); when the
         pipeline's own scheduler cannot serve the method, DDIM from its config, with a warning
         (once per sampler)."""
-        cls, reason = sampling_scheduler_class(self.pipe.scheduler, self.scheduler,
+        cls, reason = sampling_scheduler_class(self.scheduler_template, self.scheduler,
                                                needs_sample=self.needs_sample, sampler=self.name,
                                                default=self.default_scheduler)
         if reason is not None and reason not in self._warned:
             self._warned.add(reason)
-            warnings.warn(reason, UserWarning, stacklevel=3)
+            # The first call comes from sample(), under torch.no_grad's wrapper: the user's line.
+            warnings.warn(reason, UserWarning, stacklevel=5)
         return cls
 
+    # -- the call ---------------------------------------------------------------------------------
+
+    def __call__(self, prompt: str | list[str] | None = None, **kwargs: Any) -> SamplerOutput:
+        """Generate images: :meth:`sample` (a method with call options of its own overrides this
+        and passes them to :meth:`sample` as ``method_options``)."""
+        return self.sample(prompt, **kwargs)
+
     @torch.no_grad()
-    def __call__(
+    def sample(
         self,
         prompt: str | list[str] | None = None,
         *,
@@ -114,13 +134,15 @@ class Sampler:
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
         num_images_per_prompt: int = 1,
         num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         decode_stages: bool = False,
         callback_on_step_end: StepCallback | None = None,
         step_options: Mapping[str, Any] | None = None,
+        eta: float | None = None,
         progress: bool = True,
+        method_options: Mapping[str, Any] | None = None,
     ) -> SamplerOutput:
         """Generate images of ``height x width`` pixels.
 
@@ -133,8 +155,8 @@ class Sampler:
                 least the model's base size (1024 for SDXL, 512 for SD 1.5); any aspect ratio.
             num_inference_steps: steps of the timestep sequence (per stage for progressive
                 methods; default 50).
-            guidance_scale: classifier-free guidance ``w`` (default 7.5; ``<= 1`` disables CFG
-                and runs the cond branch alone).
+            guidance_scale: classifier-free guidance ``w`` (None: the method's default, 7.5
+                unless it says otherwise; ``<= 1`` disables CFG and runs the cond branch alone).
             generator: the one source of randomness (see the method's docstring for the order of
                 draws); None: a generator seeded from torch's global RNG.
             output_type: ``"pil"`` | ``"pt"`` | ``"np"`` | ``"latent"``.
@@ -144,7 +166,15 @@ class Sampler:
             step_options: options passed to every ``scheduler.step`` (e.g. ``{"eta": 0.5}`` for
                 DDIM, ``{"s_churn": 1.0}`` for Euler); stochastic steps draw their noise from
                 ``generator``, once for the full latent.
+            eta: DDIM's eta, a shorthand for ``step_options={"eta": eta}`` (the scheduler's step
+                must take it).
             progress: show a tqdm bar per stage.
+            method_options: the call options of the method (its ``__call__`` documents them),
+                given to :meth:`check_call` and :meth:`generate` as ``run.options``.
+
+        A UNet patched before the call is left as it was: its patches, its active configuration
+        and its step (the loop moves it with :func:`hrkernels.set_step`), also when the call
+        raises.
 
         Returns:
             :class:`~hrkernels.samplers.SamplerOutput`.
@@ -156,15 +186,21 @@ class Sampler:
         """
         sizes = self.stage_sizes(height, width)
         num_inference_steps = check_int(num_inference_steps, "num_inference_steps", minimum=1)
-        guidance = guidance_for(check_real(guidance_scale, "guidance_scale"))
+        guidance = guidance_for(self.default_guidance_scale if guidance_scale is None
+                                else guidance_scale)
         check_choice(output_type, "output_type", OUTPUT_TYPES)
         check_bool(decode_stages, "decode_stages")
         check_bool(progress, "progress")
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise TypeError("callback_on_step_end must be None or callable; got "
                             f"{callback_on_step_end!r}")
+        if eta is not None:
+            if step_options is not None and "eta" in step_options:
+                raise ValueError("pass eta either as eta= or in step_options, not both")
+            step_options = {**(step_options or {}), "eta": check_real(eta, "eta", minimum=0)}
         options = check_step_options(self.scheduler_class(), step_options, self.name)
-        self.check_call(sizes, num_inference_steps, options)
+        method = dict(method_options or {})
+        self.check_call(sizes, num_inference_steps, options, **method)
         adapter = self.adapter
         generator = resolve_generator(generator, adapter.device)
         cond = adapter.encode_prompts(
@@ -178,8 +214,9 @@ class Sampler:
         run = Run(sampler=self.name, adapter=adapter, engine=Engine(adapter, cond, self.executor),
                   guidance=guidance, generator=generator, num_inference_steps=num_inference_steps,
                   step_options=options, callback=callback_on_step_end, progress=progress,
-                  num_stages=len(sizes))
-        stages = self.generate(run, sizes)
+                  num_stages=len(sizes), options=method)
+        with _step_kept(adapter.model):
+            stages = self.generate(run, sizes)
         if decode_stages:
             for result in stages:
                 result.images = adapter.to_images(result.latents, output_type)
@@ -188,3 +225,15 @@ class Sampler:
             images = adapter.to_images(stages[-1].latents, output_type)
         return SamplerOutput(images=images, stages=stages, latents=stages[-1].latents,
                              unet_calls=dict(run.engine.calls))
+
+
+@contextlib.contextmanager
+def _step_kept(model: torch.nn.Module) -> Iterator[None]:
+    """The step a patched model was at, restored after the block (the stage loop moves it)."""
+    state = patch_state(model)
+    saved = None if state is None else (state.step_index, state.timestep)
+    try:
+        yield
+    finally:
+        if saved is not None and is_patched(model):
+            set_step(model, *saved)

@@ -51,7 +51,9 @@ from hrkernels.samplers.stages import (
     SkipResidual,
     StageSchedule,
     StepState,
+    denoising_step,
     global_stats,
+    initial_latents,
     randn,
     run_stage,
     stage_schedule,
@@ -145,7 +147,7 @@ class DemoFusion(Sampler):
         :meth:`scheduler_class`, the steps from :meth:`start_index` on, and for stages >= 2 the
         noising coefficients of the skip residual."""
         start = self.start_index(stage, num_inference_steps)
-        return stage_schedule(self.pipe.scheduler, num_inference_steps, device,
+        return stage_schedule(self.scheduler_template, num_inference_steps, device,
                               scheduler_class=self.scheduler_class(), start=start,
                               noised=stage > 1)
 
@@ -205,17 +207,8 @@ class DemoFusion(Sampler):
                    batch_sizes: dict[tuple[int, int], int]) -> torch.Tensor:
         """Stage 1: ordinary sampling at the base size."""
         schedule = self.schedule_for(1, sizes, run.num_inference_steps, run.device)
-        scheduler = schedule.scheduler
-        kwargs = step_kwargs(scheduler, run.generator, run.step_options)
-        noise = randn((run.batch, self.adapter.latent_channels, *size), run.generator, run.device)
-        z = noise * float(scheduler.init_noise_sigma)
-
-        def step(state: StepState, z: torch.Tensor) -> torch.Tensor:
-            zin = scheduler.scale_model_input(z, state.timestep)
-            (eps,) = run.engine(state.model_timestep, [ViewSet(zin)], batch_sizes, run.guidance)
-            return scheduler.step(eps, state.timestep, z, return_dict=False, **kwargs)[0]
-
-        return run_stage(run, 1, size, schedule, z, step)
+        z = initial_latents(run, size, schedule.scheduler)
+        return run_stage(run, 1, size, schedule, z, denoising_step(run, schedule, batch_sizes))
 
     def upscale_stage(self, run: Run, sizes: list[tuple[int, int]], stage: int,
                       z0: torch.Tensor, batch_sizes: dict[tuple[int, int], int]) -> torch.Tensor:

@@ -17,8 +17,10 @@ state in fp32; only the model inputs are cast to the model's dtype); "views" are
   each through :meth:`Engine.evaluate` (the one place a model is called) and gives the predictions
   back in order. :class:`LocalExecutor` runs them one after the other in this process; a
   multi-GPU executor may run a share of them on each rank and gather.
-* Everything per step stays on the device: the timestep is a device tensor, the row layouts and
-  text rows of every call are built before the step loop (:meth:`Engine.prepare`).
+* Everything per step stays on the device: the timestep is a device tensor and the text rows of
+  every call layout are built before the step loop (:meth:`Engine.prepare`), so a step copies
+  nothing from the host; the input rows (views, padding, CFG duplicates, micro-conditioning) are
+  assembled on the device per step, all calls of a step before the executor runs them.
 """
 
 from __future__ import annotations
@@ -370,6 +372,10 @@ class Engine:
         inputs = torch.cat(parts) if len(parts) > 1 else parts[0]
         micro = self._micro(view_sets, padding)
         passes = guidance.passes
+        missing = [p.branches for p in passes if (0, k, p.branches) not in self._text]
+        if missing:
+            raise RuntimeError(f"Engine: the rows of branches {missing} for batches of {k} views "
+                               "were not built; plan() or prepare() with this guidance first")
         calls = []
         for chunk in range(count):
             window = slice(chunk * k, (chunk + 1) * k)

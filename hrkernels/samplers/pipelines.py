@@ -61,10 +61,6 @@ class Conditioning:
     def batch(self) -> int:
         return next(iter(self.cond.values())).shape[0]
 
-    @property
-    def guided(self) -> bool:
-        return self.uncond is not None
-
     def branch(self, name: str) -> dict[str, torch.Tensor]:
         """The inputs of guidance branch ``"cond"`` or ``"uncond"``."""
         if name == "cond":
@@ -137,8 +133,7 @@ class PipelineAdapter:
     @property
     def vae_scale_factor(self) -> int:
         """``f``: pixels per latent pixel (the VAE's scale factor; 1 for a pixel-space model)."""
-        default = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
-        return int(getattr(self.pipe, "vae_scale_factor", default))
+        return int(getattr(self.pipe, "vae_scale_factor", vae_io.scale_factor(self.pipe.vae)))
 
     @property
     def base_latent_size(self) -> int:
@@ -176,18 +171,30 @@ class PipelineAdapter:
         return {}
 
     def denoise(self, call: ModelCall) -> torch.Tensor:
-        """The model's noise prediction ``[R, C, h, w]`` (model dtype) for one call."""
+        """The model's noise prediction for one call: ``[R, C, h, w]`` with the sample's channels
+        (a family whose model predicts more, e.g. a learned variance, returns the noise part), in
+        the model's dtype."""
         raise NotImplementedError
 
     # -- output -----------------------------------------------------------------------------------
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents ``[B, C, h, w]`` -> pixels ``[B, 3, h f, w f]`` in about [-1, 1] (not
+        clamped): :func:`hrkernels.vae.decode` (a pixel-space family returns the latents)."""
+        return vae_io.decode(self.pipe.vae, latents)
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Pixels ``[B, 3, H, W]`` in [-1, 1] -> float32 latents (posterior sample from
+        ``generator``): :func:`hrkernels.vae.encode`."""
+        return vae_io.encode(self.pipe.vae, images, generator=generator)
 
     def to_images(self, latents: torch.Tensor, output_type: str) -> Any:
         """Latents ``[B, C, h, w]`` -> ``output_type`` images (the latents themselves for
         ``"latent"``)."""
         if output_type == "latent":
             return latents
-        images = vae_io.decode(self.pipe.vae, latents)
-        return self.pipe.image_processor.postprocess(images, output_type=output_type)
+        return self.pipe.image_processor.postprocess(self.decode(latents),
+                                                     output_type=output_type)
 
 
 def _check_prompt_source(sampler: str, prompt: Any, prompt_embeds: Any,
@@ -239,7 +246,7 @@ class StableDiffusionAdapter(PipelineAdapter):
     def to_images(self, latents: torch.Tensor, output_type: str) -> Any:
         if output_type == "latent" or getattr(self.pipe, "safety_checker", None) is None:
             return super().to_images(latents, output_type)
-        images = vae_io.decode(self.pipe.vae, latents)
+        images = self.decode(latents)
         images, flagged = self.pipe.run_safety_checker(images, images.device, self.dtype)
         keep = None if flagged is None else [not value for value in flagged]
         return self.pipe.image_processor.postprocess(images, output_type=output_type,

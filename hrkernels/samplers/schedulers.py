@@ -34,6 +34,7 @@ __all__ = [
     "fresh_scheduler",
     "keeps_sample",
     "noising_coefficients",
+    "requested_scheduler",
     "sampling_scheduler_class",
     "step_kwargs",
 ]
@@ -225,36 +226,46 @@ def keeps_sample(scheduler_class: type, config: Mapping[str, Any]) -> bool:
     return _sample_sensitivity(scheduler_class, config) >= _MIN_SAMPLE_SENSITIVITY
 
 
-def sampling_scheduler_class(template: Any, requested: Any, *, needs_sample: bool,
-                             sampler: str, default: type | None = None) -> tuple[type, str | None]:
-    """The scheduler class a sampler steps with, and why it is not the one asked for (None when
-    it is).
-
-    ``requested`` (the sampler's ``scheduler`` option: a scheduler class, an instance whose class
-    is taken, or None) wins; else ``default``; else the pipeline's own scheduler's class. A method
-    that ``needs_sample`` (a skip residual) cannot use a scheduler that drops it
-    (:func:`keeps_sample`): one the user asked for explicitly is an error; the pipeline's own is
-    replaced by DDIM with the same config, and the reason returned is the warning to give.
+def requested_scheduler(value: Any, sampler: str) -> tuple[type | None, Any | None]:
+    """A sampler's ``scheduler`` option as ``(class, template)``: None -> ``(None, None)``; a
+    scheduler class -> ``(class, None)`` (built from the pipeline's config); a scheduler
+    instance -> ``(its class, itself)`` (built from its own config).
 
     Raises:
-        TypeError: ``requested`` is neither None, a scheduler class nor a scheduler.
+        TypeError: anything else.
+    """
+    if value is None:
+        return None, None
+    if isinstance(value, type):
+        if not (hasattr(value, "from_config") and hasattr(value, "step")):
+            raise TypeError(f"{sampler}: scheduler must be a diffusers scheduler class or "
+                            f"instance; got {value!r}")
+        return value, None
+    if hasattr(value, "step") and hasattr(value, "config") and hasattr(value, "set_timesteps"):
+        return type(value), value
+    raise TypeError(f"{sampler}: scheduler must be None, a diffusers scheduler class or a "
+                    f"scheduler; got {value!r}")
+
+
+def sampling_scheduler_class(template: Any, requested: type | None, *, needs_sample: bool,
+                             sampler: str, default: type | None = None) -> tuple[type, str | None]:
+    """The scheduler class a sampler steps with, and why it is not the one the pipeline has
+    (None when it is, or when the user asked for it).
+
+    ``requested`` (the class of the sampler's ``scheduler`` option, see
+    :func:`requested_scheduler`) wins; else the method's ``default``; else the class of the
+    pipeline's own scheduler (``template``). A method that ``needs_sample`` (a skip residual)
+    cannot use a scheduler that drops it (:func:`keeps_sample`): one the user asked for is an
+    error; otherwise DDIM with the same config replaces it, and the reason returned is the warning
+    to give.
+
+    Raises:
         ValueError: ``needs_sample`` and the requested scheduler drops the sample.
     """
-    if requested is None:
-        cls = default or type(template)
-        explicit = default is not None
-    elif isinstance(requested, type):
-        cls, explicit = requested, True
-    elif hasattr(requested, "step") and hasattr(requested, "config"):
-        cls, explicit = type(requested), True
-    else:
-        raise TypeError(f"{sampler}: scheduler must be None, a diffusers scheduler class or a "
-                        f"scheduler; got {requested!r}")
-    if not hasattr(cls, "from_config") or not hasattr(cls, "step"):
-        raise TypeError(f"{sampler}: scheduler must be a diffusers scheduler class; got {cls!r}")
+    cls = requested or default or type(template)
     if not needs_sample or keeps_sample(cls, template.config):
         return cls, None
-    if explicit:
+    if requested is not None:
         raise ValueError(
             f"{sampler}: {cls.__name__}.step ignores (or rebuilds) the sample it is given, so the "
             "method's skip residual would never reach the trajectory; use a scheduler that keeps "

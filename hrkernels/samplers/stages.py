@@ -22,17 +22,20 @@ from typing import Any
 
 import torch
 
+from hrkernels._validate import check_int
 from hrkernels.patching import is_patched, set_step
-from hrkernels.samplers.engine import Engine, Guidance
+from hrkernels.samplers.engine import Engine, Guidance, ViewSet
 from hrkernels.samplers.outputs import NonFiniteLatentsError
 from hrkernels.samplers.pipelines import PipelineAdapter
-from hrkernels.samplers.schedulers import fresh_scheduler, noising_coefficients
+from hrkernels.samplers.schedulers import fresh_scheduler, noising_coefficients, step_kwargs
 from hrkernels.schedules import cosine_decay
 
 __all__ = [
     "FiniteWatch",
     "Run",
     "SkipResidual",
+    "denoising_step",
+    "initial_latents",
     "StageSchedule",
     "StepCallback",
     "StepState",
@@ -123,7 +126,7 @@ class StageSchedule:
 def stage_schedule(template: Any, num_inference_steps: int, device: torch.device, *,
                    scheduler_class: type | None = None, start: int = 0, end: int | None = None,
                    noised: bool = False, noise_overrides: dict[str, Any] | None = None,
-                   extra: dict[str, Any] | None = None, begin_index: bool = True,
+                   extra: dict[str, Any] | None = None, set_begin_index: bool = True,
                    **overrides: Any) -> StageSchedule:
     """A :class:`StageSchedule` for steps ``start .. end - 1`` of ``num_inference_steps``.
 
@@ -136,13 +139,20 @@ def stage_schedule(template: Any, num_inference_steps: int, device: torch.device
         noised: compute the ``add_noise`` coefficients of each step (with ``noise_overrides``
             applied to the scheduler config, e.g. APT's scale-aware ``trained_betas``).
         extra: more schedulers by role (already built).
-        begin_index: tell the main scheduler where the stage starts (``set_begin_index``).
+        set_begin_index: tell the main scheduler where the stage starts (schedulers that
+            support ``set_begin_index``).
         overrides: config overrides of the main scheduler.
+
+    Raises:
+        ValueError: ``start``/``end`` do not select at least one step.
     """
     main = fresh_scheduler(template, num_inference_steps,
-                           begin_index=start if begin_index else None,
+                           begin_index=start if set_begin_index else None,
                            scheduler_class=scheduler_class, **overrides)
-    end = len(main.timesteps) if end is None else end
+    total_steps = len(main.timesteps)
+    start = check_int(start, "start", minimum=0, maximum=total_steps - 1)
+    end = total_steps if end is None else check_int(end, "end", minimum=start + 1,
+                                                     maximum=total_steps)
     indices = range(start, end)
     timesteps = main.timesteps[start:end]
     total = main.config.num_train_timesteps
@@ -174,17 +184,24 @@ class SkipResidual:
     Attributes:
         z0: ``[B, C, h, w]`` float32, the stage's clean start.
         noise: ``[B, C, h, w]`` float32, the stage's one noise draw.
-        exponent: the exponent of ``c(t)`` (DemoFusion's ``a1``, FreeScale's ``alpha``).
+        exponent: the exponent of ``c(t)`` (DemoFusion's ``a1``, FreeScale's ``alpha``): a number,
+            or a float32 tensor that broadcasts against ``z0`` (e.g. ``[1, 1, h, w]``: a map of
+            region-wise exponents, on ``z0``'s device).
     """
 
     z0: torch.Tensor
     noise: torch.Tensor
-    exponent: float
+    exponent: float | torch.Tensor
 
     def __call__(self, schedule: StageSchedule, step: int, z: torch.Tensor | None) -> torch.Tensor:
-        c1 = schedule.c[step] ** self.exponent
         noised = self.z0 * schedule.noise_scale[step] + self.noise * schedule.noise_sigma[step]
-        return noised if z is None else noised.mul_(c1).add_(z, alpha=1.0 - c1)
+        if z is None:
+            return noised
+        if isinstance(self.exponent, torch.Tensor):
+            c1 = torch.pow(schedule.c[step], self.exponent)
+            return noised.mul_(c1).add_(z * (1.0 - c1))
+        c1 = schedule.c[step] ** self.exponent
+        return noised.mul_(c1).add_(z, alpha=1.0 - c1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,6 +223,7 @@ class Run:
     callback: StepCallback | None
     progress: bool
     num_stages: int
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -221,7 +239,9 @@ class StepState:
     """One step of a stage, as the method's step function sees it.
 
     ``step``: 0-based within the stage; ``index``: the global step index; ``timestep``: the
-    scheduler's (CPU 0-d); ``model_timestep``: the same on the device (0-d float32).
+    scheduler's (CPU 0-d); ``model_timestep``: the same on the device (0-d float32); ``last``:
+    the stage's last step (where a method that hands a clean estimate on computes it from the
+    sample before the update).
     """
 
     stage: int
@@ -229,6 +249,11 @@ class StepState:
     index: int
     timestep: torch.Tensor
     model_timestep: torch.Tensor
+    last: bool
+
+    @property
+    def first(self) -> bool:
+        return self.step == 0
 
 
 StepFunction = Callable[[StepState, torch.Tensor], torch.Tensor]
@@ -270,6 +295,30 @@ def progress_bar(total: int, description: str, enabled: bool):
     return tqdm(total=total, desc=description, disable=not enabled)
 
 
+def initial_latents(run: Run, size: tuple[int, int], scheduler: Any) -> torch.Tensor:
+    """Pure noise ``[B, C, h, w]`` (float32, from the call's generator) scaled by the scheduler's
+    ``init_noise_sigma``: the start of a stage that samples from scratch."""
+    noise = randn((run.batch, run.adapter.latent_channels, *size), run.generator, run.device)
+    return noise * float(scheduler.init_noise_sigma)
+
+
+def denoising_step(run: Run, schedule: StageSchedule, batch_sizes: dict[tuple[int, int], int],
+                   guidance: Callable[[StepState], Guidance] | None = None) -> StepFunction:
+    """The step of plain sampling on the full latent: ``zin = scale_model_input(z, t)``, the
+    guided prediction of ``zin`` as one view per image, ``scheduler.step(eps, t, z)`` with the
+    run's step options. ``guidance(state)`` picks the step's guidance (default: the run's)."""
+    scheduler = schedule.scheduler
+    kwargs = step_kwargs(scheduler, run.generator, run.step_options)
+
+    def step(state: StepState, z: torch.Tensor) -> torch.Tensor:
+        zin = scheduler.scale_model_input(z, state.timestep)
+        strategy = run.guidance if guidance is None else guidance(state)
+        (eps,) = run.engine(state.model_timestep, [ViewSet(zin)], batch_sizes, strategy)
+        return scheduler.step(eps, state.timestep, z, return_dict=False, **kwargs)[0]
+
+    return step
+
+
 def run_stage(run: Run, stage: int, size: tuple[int, int], schedule: StageSchedule,
               z: torch.Tensor | None, step_function: StepFunction,
               skip: SkipResidual | None = None) -> torch.Tensor:
@@ -301,7 +350,7 @@ def run_stage(run: Run, stage: int, size: tuple[int, int], schedule: StageSchedu
     try:
         for step, index in enumerate(schedule.indices):
             state = StepState(stage, step, index, schedule.timesteps[step],
-                              schedule.device_timesteps[step])
+                              schedule.device_timesteps[step], last=step == len(schedule) - 1)
             if patched:
                 set_step(model, index, state.model_timestep)
             sample = skip(schedule, step, z) if skip is not None else z

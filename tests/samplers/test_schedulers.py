@@ -27,6 +27,7 @@ from hrkernels.samplers.schedulers import (
     fresh_scheduler,
     keeps_sample,
     noising_coefficients,
+    requested_scheduler,
     sampling_scheduler_class,
 )
 from hrkernels.testing import tiny_pipeline
@@ -102,6 +103,9 @@ def test_sampling_scheduler_class_substitutes_or_refuses():
     pndm = tiny_pipeline("sd15").scheduler
     assert sampling_scheduler_class(pndm, None, needs_sample=False, sampler="S") == (
         PNDMScheduler, None)
+    # A method's default that drops the sample is replaced too (the user asked for nothing).
+    assert sampling_scheduler_class(pndm, None, needs_sample=True, sampler="S",
+                                    default=UniPCMultistepScheduler)[0] is DDIMScheduler
     cls, reason = sampling_scheduler_class(pndm, None, needs_sample=True, sampler="S")
     assert cls is DDIMScheduler and "PNDMScheduler.step ignores" in reason
     assert sampling_scheduler_class(pndm, EulerDiscreteScheduler, needs_sample=True,
@@ -109,7 +113,9 @@ def test_sampling_scheduler_class_substitutes_or_refuses():
     with pytest.raises(ValueError, match="UniPCMultistepScheduler.step ignores"):
         sampling_scheduler_class(pndm, UniPCMultistepScheduler, needs_sample=True, sampler="S")
     with pytest.raises(TypeError, match="scheduler"):
-        sampling_scheduler_class(pndm, 3, needs_sample=True, sampler="S")
+        requested_scheduler(3, "S")
+    assert requested_scheduler(pndm, "S") == (PNDMScheduler, pndm)
+    assert requested_scheduler(DDIMScheduler, "S") == (DDIMScheduler, None)
 
 
 def test_step_options_are_checked_against_the_step():
@@ -149,3 +155,22 @@ def test_step_options_reach_every_step(scheduler, options, monkeypatch):
     # deterministic run.
     assert torch.equal(stochastic, run(options))
     assert not torch.equal(stochastic, run(None))
+
+
+def test_a_scheduler_instance_is_built_from_its_own_config(monkeypatch):
+    pipe = tiny_pipeline("sdxl")
+    karras = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
+    assert keeps_sample(DPMSolverMultistepScheduler, karras.config)
+    seen = set()
+    original = DPMSolverMultistepScheduler.step
+
+    @functools.wraps(original)
+    def spy(self, *args, **kwargs):
+        seen.add(self.config.use_karras_sigmas)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DPMSolverMultistepScheduler, "step", spy)
+    DemoFusion(pipe, view_batch_size=16, scheduler=karras)(
+        prompt="a cat", height=256, width=256, num_inference_steps=2, output_type="latent",
+        progress=False, generator=torch.Generator().manual_seed(0))
+    assert seen == {True}

@@ -74,3 +74,51 @@ def test_an_unpatched_unet_is_not_told_anything(sdxl, monkeypatch):
     DemoFusion(sdxl, view_batch_size=16)(
         prompt="a cat", height=256, width=256, num_inference_steps=1, output_type="latent",
         progress=False, generator=torch.Generator().manual_seed(0))
+
+
+def test_stage_schedule_refuses_an_empty_range():
+    template = tiny_pipeline("sdxl", scheduler="ddim").scheduler
+    with pytest.raises(ValueError, match="start"):
+        stage_schedule(template, 5, torch.device("cpu"), start=5)
+    with pytest.raises(ValueError, match="end"):
+        stage_schedule(template, 5, torch.device("cpu"), start=2, end=2)
+
+
+def test_skip_residual_with_a_map_of_exponents():
+    # FreeScale's region-wise detail control: c1 = c(t) ** alpha per position.
+    template = tiny_pipeline("sdxl", scheduler="ddim").scheduler
+    schedule = stage_schedule(template, 5, torch.device("cpu"), noised=True)
+    generator = torch.Generator().manual_seed(1)
+    z0, noise, z = (torch.randn(1, 4, 4, 4, generator=generator) for _ in range(3))
+    alpha = torch.linspace(1.0, 3.0, 16).view(1, 1, 4, 4)
+    out = SkipResidual(z0, noise, alpha)(schedule, 3, z.clone())
+    noised = z0 * schedule.noise_scale[3] + noise * schedule.noise_sigma[3]
+    c1 = torch.tensor(schedule.c[3]) ** alpha
+    torch.testing.assert_close(out, c1 * noised + (1 - c1) * z)
+    # A constant map equals the number.
+    constant = SkipResidual(z0, noise, torch.full((1, 1, 1, 1), 2.0))(schedule, 3, z.clone())
+    torch.testing.assert_close(constant, SkipResidual(z0, noise, 2.0)(schedule, 3, z.clone()))
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_a_patched_unet_is_left_at_its_step_and_configuration(fail):
+    pipe = tiny_pipeline("sdxl")
+    pipe.unet = copy.deepcopy(pipe.unet)
+    hrkernels.patch(pipe.unet, hrkernels.ReDilation({"mid_block": 2}, until_step=3))
+    hrkernels.set_step(pipe.unet, 7, 123)
+
+    def callback(stage, step, timestep, latents):
+        if fail and stage == 2:
+            raise RuntimeError("stop")
+
+    sampler = DemoFusion(pipe, view_batch_size=16)
+    call = dict(prompt="a cat", height=256, width=256, num_inference_steps=4,
+                output_type="latent", progress=False, callback_on_step_end=callback,
+                generator=torch.Generator().manual_seed(0))
+    if fail:
+        with pytest.raises(RuntimeError, match="stop"):
+            sampler(**call)
+    else:
+        sampler(**call)
+    state = hrkernels.patching.patch_state(pipe.unet)
+    assert (state.step_index, state.timestep, state.active_variant) == (7, 123, "default")
