@@ -27,7 +27,7 @@ __all__ += ["ReDilation", "is_patched", "patch", "patched", "set_step", "set_var
             "variant"]
 
 # Imported on first use (`hrkernels.samplers` and `hrkernels.vae` pull in diffusers).
-_LAZY_SUBMODULES = ("samplers", "schedules", "vae")
+_LAZY_SUBMODULES = ("presets", "samplers", "schedules", "vae")
 
 
 def __getattr__(name: str):

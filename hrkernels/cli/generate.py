@@ -47,8 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image width in pixels, a multiple of 8 (default: 2x the model's base "
                              "size)")
     parser.add_argument("--steps", type=int, default=50, help="steps per stage (default: 50)")
-    parser.add_argument("--guidance", type=float, default=7.5,
-                        help="classifier-free guidance scale (default: 7.5)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default: the method's, 7.5; "
+                             "ScaleCrafter: 5.0 for SDXL)")
+    parser.add_argument("--eta", type=float, default=None,
+                        help="DDIM's eta (a stochastic DDIM step; the scheduler must take it)")
+    parser.add_argument("--no-noise-damped", action="store_true",
+                        help="scalecrafter: ordinary CFG instead of the preset's noise-damped "
+                             "guidance")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--out", required=True, type=Path,
                         help="output image file (.png); several images get _1, _2, ... suffixes")
@@ -97,6 +103,10 @@ def _sampler_options(args: argparse.Namespace, sampler: type) -> dict[str, Any]:
         except ValueError:
             raise ValueError(f'--view-batch-size must be "auto" or an int; got '
                              f"{args.view_batch_size!r}") from None
+    if args.no_noise_damped:
+        if "noise_damped" not in inspect.signature(sampler).parameters:
+            raise ValueError(f"--no-noise-damped: {args.method} has no noise-damped guidance")
+        options["noise_damped"] = False
     if args.scheduler is not None:
         if "scheduler" not in inspect.signature(sampler).parameters:
             raise ValueError(f"--scheduler: {args.method} samples with its own scheduler "
@@ -123,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
         generator = torch.Generator(device=device).manual_seed(args.seed)
         output = sampler(prompt=args.prompt, negative_prompt=args.negative_prompt, height=height,
                          width=width, num_inference_steps=args.steps,
-                         guidance_scale=args.guidance, generator=generator, output_type="pil",
+                         guidance_scale=args.guidance, eta=args.eta, generator=generator,
+                         output_type="pil",
                          decode_stages=args.previews is not None, progress=True)
     except (TypeError, ValueError) as error:
         print(f"hrkernels generate: {error}", file=sys.stderr)

@@ -3,6 +3,8 @@
 * :class:`DemoFusion` -- progressive upscaling, skip residual, dilated sampling.
 * :class:`APT` -- Adaptive Path Tracing on DemoFusion: statistical matching, scale-aware
   scheduling, shortcut.
+* :class:`ScaleCrafter` -- direct inference with a re-dilated UNet (presets from
+  :mod:`hrkernels.presets`) and noise-damped guidance.
 
 The framework they stand on (each module imports only the ones above it):
 
@@ -40,6 +42,7 @@ from hrkernels.samplers.apt import APT
 from hrkernels.samplers.base import Sampler
 from hrkernels.samplers.demofusion import DemoFusion
 from hrkernels.samplers.outputs import NonFiniteLatentsError, SamplerOutput, StageResult
+from hrkernels.samplers.scalecrafter import ScaleCrafter
 
 SAMPLERS: dict[str, type[Sampler]] = {}
 
@@ -63,6 +66,7 @@ def register_sampler(name: str, sampler: type[Sampler]) -> None:
 
 register_sampler("demofusion", DemoFusion)
 register_sampler("apt", APT)
+register_sampler("scalecrafter", ScaleCrafter)
 
 __all__ = [
     "APT",
@@ -71,6 +75,7 @@ __all__ = [
     "NonFiniteLatentsError",
     "Sampler",
     "SamplerOutput",
+    "ScaleCrafter",
     "StageResult",
     "register_sampler",
 ]

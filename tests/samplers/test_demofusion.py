@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -143,9 +144,13 @@ def test_schedulers_that_drop_the_sample_are_replaced_by_ddim_or_refused(sd15, m
 
     monkeypatch.setattr(DDIMScheduler, "step", spy)
     sampler = DemoFusion(sd15, view_batch_size=16)
-    with pytest.warns(UserWarning, match="PNDMScheduler.step ignores"):
+    with pytest.warns(UserWarning, match="PNDMScheduler.step ignores") as warned:
         out = generate(sd15, 128, 128, steps=2, sampler=sampler, output_type="latent")
     assert torch.isfinite(out.latents).all() and len(stepped) == 4
+    assert warned[0].filename == __file__  # points at the caller's line
+    with warnings.catch_warnings():  # once per sampler
+        warnings.simplefilter("error")
+        generate(sd15, 128, 128, steps=1, sampler=sampler, output_type="latent")
     # UniPC asked for explicitly: an error before any model work.
     from diffusers import UniPCMultistepScheduler
 
@@ -217,34 +222,48 @@ def _gaussian_blur(x, sigma, kernel_size):
     return F.conv2d(x, rows.transpose(2, 3), padding=(kernel_size // 2, 0), groups=channels)
 
 
-def test_one_step_of_stage_two_against_methods_md(sdxl, monkeypatch):
-    # A model whose prediction is elementwise in its input (eps = 0.3 x - 0.1) makes every view's
-    # prediction a function of the positions it covers, so the step can be written directly from
-    # METHODS.md: zh = c1 z'_t + (1 - c1) z_t; eps_local = f(zin); eps_global = f(blur(zin) matched
-    # to zin's mean/std), blur kernel 2s - 1 and std sigma * c3; eps = c2 eps_global + (1 - c2)
-    # eps_local; z_{t-1} = step(eps, t, zh). Non-default exponents, so a wrong one fails.
+def test_stage_two_against_methods_md(sdxl, monkeypatch):
+    # A model whose prediction of a view depends on the whole view (its mean) and on the guidance
+    # branch (the mean of its text embedding) makes every quantity of METHODS.md's step visible:
+    # zh = c1 z'_t + (1 - c1) z_t; eps_local = the overlap mean of the windows' predictions (window
+    # starts replayed from the generator, in the documented order of draws); eps_global = the
+    # predictions of the s x s sub-lattices of blur(zin) (kernel 2s - 1, std sigma * c3) matched
+    # to zin's mean/std; eps = c2 eps_global + (1 - c2) eps_local, guided u + w (c - u); then
+    # z_{t-1} = step(eps, t, zh). Non-default exponents, so a wrong one fails.
     inputs = []
 
-    def model(sample, timestep, **kwargs):
+    def model(sample, timestep, encoder_hidden_states, **kwargs):
         inputs.append(sample.clone())
-        return (0.3 * sample - 0.1,)
+        return (f(sample, encoder_hidden_states.mean(dim=(1, 2))),)
+
+    def f(x, text):
+        return 0.3 * x - 0.1 + 0.2 * x.mean(dim=(1, 2, 3), keepdim=True) + 0.05 * text.view(-1, 1,
+                                                                                          1, 1)
 
     monkeypatch.setattr(sdxl.unet, "forward", model)
-    scales, sigma, steps = (2.0, 0.5, 1.5), 1.3, 3
+    scales, sigma, steps, w = (2.0, 0.5, 1.5), 1.3, 3, 4.0
     latents = []
     sampler = DemoFusion(sdxl, cosine_scales=scales, sigma=sigma, view_batch_size=64)
-    out = sampler(prompt="a cat", height=256, width=256, num_inference_steps=steps,
-                  guidance_scale=1.0, generator=torch.Generator().manual_seed(0), progress=False,
-                  output_type="latent",
+    out = sampler(prompt="a cat", negative_prompt="blurry", height=256, width=256,
+                  num_inference_steps=steps, guidance_scale=w,
+                  generator=torch.Generator().manual_seed(0), progress=False, output_type="latent",
                   callback_on_step_end=lambda stage, step, t, z: latents.append(z.clone()))
-    # The draws, in the documented order: stage 1's noise, then stage 2's.
+    embeds, negative, _, _ = sdxl.encode_prompt("a cat", device="cpu", negative_prompt="blurry")
+    text = {"cond": embeds.mean(), "uncond": negative.mean()}
+
+    def guided(x):
+        rows = x.shape[0]
+        uncond, cond = f(x, text["uncond"].expand(rows)), f(x, text["cond"].expand(rows))
+        return uncond + w * (cond - uncond)
+
+    # The draws, in the documented order: stage 1's noise, stage 2's, then each step's jitter.
     generator = torch.Generator().manual_seed(0)
     torch.randn(1, 4, 16, 16, generator=generator)
     noise = torch.randn(1, 4, 32, 32, generator=generator)
+    starts = [ops.window_grid(32, 32, 16, 8, 2, generator=generator) for _ in range(steps)]
     z0 = F.interpolate(out.stages[0].latents, size=(32, 32), mode="bicubic", align_corners=False)
     scheduler = fresh_scheduler(sdxl.scheduler, steps, begin_index=0)
     a1, a2, a3 = scales
-    f = lambda x: 0.3 * x - 0.1  # noqa: E731
     z = None
     for step in range(steps):
         t = scheduler.timesteps[step]
@@ -253,13 +272,34 @@ def test_one_step_of_stage_two_against_methods_md(sdxl, monkeypatch):
         noised = z0 + noise * scheduler.sigmas[step]  # Euler's add_noise at step i
         zh = noised if z is None else c1 * noised + (1 - c1) * z
         zin = zh / (scheduler.sigmas[step] ** 2 + 1) ** 0.5
+        # Local: every window (zeros outside), its guided prediction, averaged where they overlap.
+        total, count = torch.zeros_like(zin), torch.zeros_like(zin)
+        padded = F.pad(zin, (16, 16, 16, 16))
+        for top, left in starts[step].tolist():
+            rows, cols = slice(top + 16, top + 32), slice(left + 16, left + 32)
+            canvas, inside = torch.zeros_like(padded), torch.zeros_like(padded)
+            canvas[:, :, rows, cols] = guided(padded[:, :, rows, cols])
+            inside[:, :, rows, cols] = 1
+            total += canvas[:, :, 16:48, 16:48]
+            count += inside[:, :, 16:48, 16:48]
+        eps_local = total / count
+        # Global: the sub-lattices of the blurred, matched latent.
         blurred = _gaussian_blur(zin, sigma * c3, 2 * 2 - 1)
         blurred = (blurred - blurred.mean()) / blurred.std() * zin.std() + zin.mean()
-        eps = c2 * f(blurred) + (1 - c2) * f(zin)
-        # The model saw zh's windows and blurred's 2x2 sub-lattices (after the stage-1 calls).
+        eps_global = torch.zeros_like(zin)
+        for i in range(2):
+            for j in range(2):
+                eps_global[:, :, i::2, j::2] = guided(blurred[:, :, i::2, j::2])
+        # What the model saw at this step: the windows of zin, then the sub-lattices of blurred
+        # (uncond rows first).
         seen = inputs[steps + step]
-        torch.testing.assert_close(seen[9:13], ops.gather_dilated(blurred, 2), atol=1e-5,
-                                   rtol=1e-5)
+        windows = starts[step].shape[0]
+        assert seen.shape[0] == 2 * (windows + 4)
+        top, left = starts[step][windows // 2].tolist()
+        torch.testing.assert_close(seen[windows // 2], zin[0, :, top:top + 16, left:left + 16])
+        torch.testing.assert_close(seen[windows:windows + 4], ops.gather_dilated(blurred, 2),
+                                   atol=1e-5, rtol=1e-5)
+        eps = c2 * eps_global + (1 - c2) * eps_local
         z = scheduler.step(eps, t, zh, return_dict=False)[0]
         torch.testing.assert_close(latents[steps + step], z, atol=1e-5, rtol=1e-5)
 
@@ -407,7 +447,6 @@ def test_one_step_through_the_triton_kernels(sdxl, triton_backend):
     torch.testing.assert_close(out.latents, reference.latents, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.slow
 def test_compiled_unet_sees_one_shape_for_stage_one_and_one_for_all_views():
     # torch.compile(fullgraph=True, dynamic=False) on the UNet: 3 stages x 2 steps, the views of
     # stages 2 and 3 in fixed-shape batches -> exactly two graphs (no recompilation per step or
@@ -429,42 +468,42 @@ def test_compiled_unet_sees_one_shape_for_stage_one_and_one_for_all_views():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["demofusion", "apt"])
-def test_no_host_sync_inside_the_step_loop(method):
+@pytest.mark.parametrize("method", ["demofusion", "apt", "scalecrafter"])
+def test_no_host_sync_inside_the_step_loop(method, monkeypatch):
     # CUDA's sync debug mode raises on any synchronising call (.item(), .cpu(), blocking copies,
-    # nonzero, ...) from the start of the first step of every stage to its last step: the first
-    # call of a stage builds nothing on the host (the row layouts were built before the loop).
+    # nonzero, ...). It is on from the creation of each stage's NaN/inf watch (just before the
+    # loop) to its one check after the loop: every step, with set_step on a patched UNet, the
+    # callback and the first call of each stage (whose row layouts were built before the loop).
+    import copy as copy_module
+
+    import hrkernels
+    from hrkernels.samplers import stages
+
     pipe = tiny_pipeline("sdxl", device="cuda")
+    pipe.unet = copy_module.deepcopy(pipe.unet)
+    if method != "scalecrafter":
+        hrkernels.patch(pipe.unet, hrkernels.ReDilation({"mid_block": 2}, until_step=2))
     steps = 3
     options = {"shortcut_steps": None} if method == "apt" else {}
     sampler = SAMPLERS[method](pipe, view_batch_size=4, **options)
-    from hrkernels.samplers import stages
+    created, checked = stages.FiniteWatch.__init__, stages.FiniteWatch.check
 
-    original = stages.run_stage
+    def strict_init(self, *args):
+        created(self, *args)
+        torch.cuda.set_sync_debug_mode("error")
 
-    def strict(function):
-        def wrapped(*args):
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                return function(*args)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+    def relaxed_check(self):
+        torch.cuda.set_sync_debug_mode("default")
+        checked(self)
 
-        return wrapped
-
-    def run_stage(run, stage, size, schedule, z, step_function, skip=None):
-        return original(run, stage, size, schedule, z, strict(step_function),
-                        None if skip is None else strict(skip))
-
-    import hrkernels.samplers.demofusion as demofusion
-
-    demofusion.run_stage, restore = run_stage, demofusion.run_stage
+    monkeypatch.setattr(stages.FiniteWatch, "__init__", strict_init)
+    monkeypatch.setattr(stages.FiniteWatch, "check", relaxed_check)
+    height = 512 if method == "scalecrafter" else 384  # ScaleCrafter: the noise-damped preset
     try:
-        out = sampler(prompt="a cat", height=384, width=384, num_inference_steps=steps,
+        out = sampler(prompt="a cat", height=height, width=height, num_inference_steps=steps,
                       generator=torch.Generator("cuda").manual_seed(0), progress=False,
-                      output_type="latent")
+                      output_type="latent", callback_on_step_end=lambda *args: None)
     finally:
-        demofusion.run_stage = restore
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out.latents).all()
 

@@ -65,3 +65,16 @@ def test_generate_reports_bad_sizes_and_options(tmp_path, capsys):
     assert run(args) == 2
     assert "--scheduler: apt samples with its own scheduler (DDIMScheduler)" in \
         capsys.readouterr().err
+
+
+def test_generate_scalecrafter_with_eta_and_without_noise_damping(tmp_path, capsys):
+    out = tmp_path / "sc.png"
+    args = parse(["--model", "tiny-sd15", "--method", "scalecrafter", "--prompt", "a cat",
+                  "--height", "256", "--width", "256", "--steps", "2", "--eta", "0.5",
+                  "--no-noise-damped", "--out", str(out)])
+    assert run(args) == 0
+    assert Image.open(out).size == (256, 256)
+    args = parse(["--model", "tiny-sd15", "--method", "demofusion", "--prompt", "a cat",
+                  "--steps", "1", "--no-noise-damped", "--out", str(out)])
+    assert run(args) == 2
+    assert "--no-noise-damped: demofusion has no noise-damped guidance" in capsys.readouterr().err
