@@ -141,6 +141,7 @@ def test_plan_errors():
     ("sd15", 256, 256, True),    # 4x: 2048^2 preset, dispersed + progressive + noise-damped
     ("sd15", 128, 256, True),    # 2048x1024 preset (noise-damped), non-square
     ("sdxl", 256, 256, False),   # 2x: 2048^2 preset
+    ("sdxl", 512, 512, True),    # 4x: 4096^2 preset, progressive + noise-damped (own base layers)
     ("sdxl", 256, 192, False),   # non-square, scaled factors
 ])
 def test_end_to_end(kind, height, width, damped, request):
