@@ -1,4 +1,4 @@
-"""hrkernels.vae: decode/encode as the pipelines do (scaling, upcast, tiling for large latents)."""
+"""hrkernels.vae: decode/encode as the pipelines do (scaling, upcast), exact at any size."""
 
 from __future__ import annotations
 
@@ -22,20 +22,18 @@ def test_decode_unscales_and_equals_the_vae(sdxl_vae):
     torch.testing.assert_close(images, expected)
 
 
-def test_large_latents_decode_with_tiling_switched_on_for_the_call_only(sdxl_vae, monkeypatch):
-    seen = []
-    original = type(sdxl_vae).decode
-
-    def spy(self, z, *args, **kwargs):
-        seen.append((self.use_tiling, self.tile_latent_min_size))
-        return original(self, z, *args, **kwargs)
-
-    monkeypatch.setattr(type(sdxl_vae), "decode", spy)
+def test_large_latents_decode_exactly_without_diffusers_tiling(sdxl_vae, monkeypatch):
+    """Latents above the VAE's native tile decode as one image (no per-tile GroupNorm, no
+    blending): diffusers' tiling is neither used nor switched on."""
+    monkeypatch.setattr(type(sdxl_vae), "enable_tiling", lambda self: pytest.fail("tiling"))
     tile = sdxl_vae.tile_latent_min_size
-    images = vae.decode(sdxl_vae, torch.randn(1, 4, tile + 8, tile))
+    latents = torch.randn(1, 4, tile + 8, tile, generator=torch.Generator().manual_seed(0))
+    images = vae.decode(sdxl_vae, latents)
     assert images.shape == (1, 3, (tile + 8) * 8, tile * 8)
-    assert seen[0] == (True, tile // 2)
-    assert (sdxl_vae.use_tiling, sdxl_vae.tile_latent_min_size) == (False, tile)
+    with torch.no_grad():
+        expected = sdxl_vae.decode(latents / sdxl_vae.config.scaling_factor).sample
+    assert ((images - expected).norm() / expected.norm()).item() < 1e-5
+    assert not sdxl_vae.use_tiling
 
 
 def test_encode_samples_the_posterior_from_the_generator_and_scales(sdxl_vae):
