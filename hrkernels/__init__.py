@@ -3,9 +3,10 @@
 Layers (each imports only from the ones above it): ``hrkernels.ops`` (torch.library ops over Triton
 kernels with PyTorch references), ``hrkernels.schedules`` (per-step math), ``hrkernels.nn``,
 ``hrkernels.patching`` (reversible UNet patches: ``patch``, ``unpatch``, ``set_step``,
-``variant``), ``hrkernels.vae``, ``hrkernels.samplers`` (DemoFusion and APT today; ScaleCrafter,
-FreeScale and MegaFusion are planned) and the ``hrkernels`` command line (``hrkernels.cli``). See
-docs/DESIGN.md in the repository for the conventions and docs/METHODS.md for the algorithms.
+``variant``), ``hrkernels.vae``, ``hrkernels.samplers`` (DemoFusion, APT, ScaleCrafter and
+FreeScale; MegaFusion is planned) and the ``hrkernels`` command line (``hrkernels.cli``). The ops
+are inference-only (no backward). See docs/DESIGN.md in the repository for the conventions and
+docs/METHODS.md for the algorithms.
 """
 
 __version__ = "0.1.0"
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 from hrkernels import ops  # noqa: E402
 from hrkernels.patching import (  # noqa: E402
     ReDilation,
+    ScaleFusion,
     is_patched,
     patch,
     patched,
@@ -23,8 +25,8 @@ from hrkernels.patching import (  # noqa: E402
 )
 
 __all__ = ["__version__", "ops"]
-__all__ += ["ReDilation", "is_patched", "patch", "patched", "set_step", "set_variant", "unpatch",
-            "variant"]
+__all__ += ["ReDilation", "ScaleFusion", "is_patched", "patch", "patched", "set_step",
+            "set_variant", "unpatch", "variant"]
 
 # Imported on first use (`hrkernels.samplers` and `hrkernels.vae` pull in diffusers).
 _LAZY_SUBMODULES = ("presets", "samplers", "schedules", "vae")

@@ -3,6 +3,8 @@ diffusers pipeline as well as by our samplers (docs/METHODS.md).
 
 * :func:`scalecrafter` -> :class:`ScaleCrafterPlan`: ScaleCrafter's re-dilation (and dispersion,
   progressive schedule, noise-damped guidance) for SD 1.5/2.x or SDXL at a size.
+* :func:`freescale` -> :class:`FreeScalePlan`: FreeScale's self-cascade (stage sizes, restart step)
+  and each stage's specs (Scale Fusion, restrained dilation).
 
 Example (the re-dilation alone, on a stock pipeline)::
 
@@ -25,10 +27,10 @@ from typing import Any
 from torch import nn
 
 from hrkernels._validate import check_int
-from hrkernels.patching import ReDilation, set_step
+from hrkernels.patching import ReDilation, ScaleFusion, set_step
 
-__all__ = ["SCALECRAFTER_PRESETS", "ScaleCrafterPlan", "ScaleCrafterPreset", "model_family",
-           "scalecrafter"]
+__all__ = ["FREESCALE_DILATED_LAYERS", "SCALECRAFTER_PRESETS", "FreeScalePlan", "FreeScaleStage",
+           "ScaleCrafterPlan", "ScaleCrafterPreset", "freescale", "model_family", "scalecrafter"]
 
 
 def model_family(unet: nn.Module) -> str:
@@ -197,6 +199,24 @@ def _nearest(presets: tuple[ScaleCrafterPreset, ...], pixels: int) -> ScaleCraft
     return min(presets, key=lambda p: abs(math.log(pixels / (p.size[0] * p.size[1]))))
 
 
+def _base_size(pipe: Any) -> int:
+    """``b``: the UNet's native size in pixels (``sample_size`` x the VAE's factor)."""
+    unet = getattr(pipe, "unet", pipe)
+    size = unet.config.sample_size
+    return int(size if isinstance(size, int) else max(size)) * int(
+        getattr(pipe, "vae_scale_factor", 8))
+
+
+def _check_size(height: int, width: int, base: int) -> None:
+    for name, value in (("height", height), ("width", width)):
+        check_int(value, name, minimum=1)
+        if value % 8:
+            raise ValueError(f"{name} must be a multiple of 8; got {value}")
+    if max(height, width) < base:
+        raise ValueError(f"the long side of (height, width) = ({height}, {width}) must be >= the "
+                         f"model's base size {base}")
+
+
 def scalecrafter(pipe: Any, height: int, width: int,
                  num_inference_steps: int = 50) -> ScaleCrafterPlan:
     """ScaleCrafter's plan for ``pipe``'s UNet at ``height x width`` (docs/METHODS.md).
@@ -225,18 +245,9 @@ def scalecrafter(pipe: Any, height: int, width: int,
         >>> from hrkernels.testing import tiny_pipeline
         >>> plan = scalecrafter(tiny_pipeline("sdxl"), 256, 256)   # 2x the tiny base size
     """
-    unet = getattr(pipe, "unet", pipe)
-    family = model_family(unet)
-    factor_f = int(getattr(pipe, "vae_scale_factor", 8))
-    base = int(unet.config.sample_size if isinstance(unet.config.sample_size, int)
-               else max(unet.config.sample_size)) * factor_f
-    for name, value in (("height", height), ("width", width)):
-        check_int(value, name, minimum=1)
-        if value % 8:
-            raise ValueError(f"{name} must be a multiple of 8; got {value}")
-    if max(height, width) < base:
-        raise ValueError(f"the long side of (height, width) = ({height}, {width}) must be >= the "
-                         f"model's base size {base}")
+    family = model_family(getattr(pipe, "unet", pipe))
+    base = _base_size(pipe)
+    _check_size(height, width, base)
     steps = check_int(num_inference_steps, "num_inference_steps", minimum=1)
     # The tables are written for the real models' base sizes (512 for SD, 1024 for SDXL); a model
     # with another base (SD 2.1 at 768, the tiny test models) uses them at its own scale.
@@ -264,3 +275,99 @@ def scalecrafter(pipe: Any, height: int, width: int,
                                dispersed=base_dispersed or None)
     return ScaleCrafterPlan(specs=specs, base=base_spec,
                             noise_damped_until=until if base_spec is not None else 0)
+
+
+# docs/METHODS.md, FreeScale, "Restrained dilation": the 3x3 convolutions of the down path below the
+# first level and of the mid block, never the up blocks. SDXL: as the authors' code; SD 1.x/2.x (not
+# in the authors' code): the same rule on its four levels.
+FREESCALE_DILATED_LAYERS: dict[str, tuple[str, ...]] = {
+    "sdxl": ("down_blocks.1.downsamplers.0.conv", "down_blocks.2.resnets", "mid_block.resnets"),
+    "sd": ("down_blocks.1.downsamplers.0.conv", "down_blocks.2", "down_blocks.3.resnets",
+           "mid_block.resnets"),
+}
+
+
+@dataclass(frozen=True)
+class FreeScaleStage:
+    """One stage of FreeScale's self-cascade.
+
+    Attributes:
+        height, width: the stage's size in pixels.
+        scale: its long side over the base size, rounded half up (the restrained dilation).
+        specs: what the UNet runs with in the stage: ``()`` for the first stage (plain sampling),
+            else ``(ScaleFusion, ReDilation)``.
+    """
+
+    height: int
+    width: int
+    scale: int
+    specs: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class FreeScalePlan:
+    """FreeScale's self-cascade for one size (docs/METHODS.md, "FreeScale").
+
+    Attributes:
+        stages: the stages, first (the base size) to last (the target).
+        dilated_until: the restrained dilation runs for step indices ``< dilated_until`` of
+            stages >= 2 (35 of 50, scaled with the step count: never in the last 15 of 50).
+    """
+
+    stages: tuple[FreeScaleStage, ...]
+    dilated_until: int
+
+
+def freescale(pipe: Any, height: int, width: int, num_inference_steps: int = 50,
+              fusion: ScaleFusion | None = None) -> FreeScalePlan:
+    """FreeScale's cascade and per-stage specs for ``pipe``'s UNet at ``height x width``.
+
+    Stage sizes: the base size ``b`` (long side, the target's aspect ratio), then doubling while
+    below the target, then the target (``4096 -> 1024, 2048, 4096``; ``3000 -> 1024, 2048,
+    3000``), each rounded to a multiple of 8. Stages >= 2 run :class:`hrkernels.ScaleFusion` in
+    every transformer and the restrained dilation (:data:`FREESCALE_DILATED_LAYERS`, integer factor
+    = the stage's scale) for steps ``< dilated_until``.
+
+    Args:
+        pipe: an SD 1.5/2.x or SDXL pipeline (or its UNet).
+        height, width: the target in pixels (multiples of 8, long side at least the base size).
+        num_inference_steps: the steps the plan is for.
+        fusion: the :class:`hrkernels.ScaleFusion` of stages >= 2 (default ``ScaleFusion()``).
+
+    Example::
+
+        >>> from hrkernels.testing import tiny_pipeline
+        >>> [(s.height, s.width) for s in freescale(tiny_pipeline("sdxl"), 512, 512).stages]
+        [(128, 128), (256, 256), (512, 512)]
+    """
+    family = model_family(getattr(pipe, "unet", pipe))
+    base = _base_size(pipe)
+    _check_size(height, width, base)
+    steps = check_int(num_inference_steps, "num_inference_steps", minimum=1)
+    long_side = max(height, width)
+    ratios = []
+    ratio = 1.0
+    while ratio * base < long_side:
+        ratios.append(ratio)
+        ratio *= 2
+    ratios.append(long_side / base)
+    until = _scaled_until(35, steps)
+    if fusion is None:
+        fusion = ScaleFusion()
+    elif not isinstance(fusion, ScaleFusion):
+        raise TypeError(f"fusion must be None or a hrkernels.ScaleFusion; got {fusion!r}")
+    stages = []
+    for index, ratio in enumerate(ratios):
+        if index == len(ratios) - 1:
+            size = (height, width)
+        else:
+            size = tuple(max(8, 8 * math.floor(side * ratio * base / long_side / 8 + 0.5))
+                         for side in (height, width))
+        scale = max(1, math.floor(ratio + 0.5))
+        specs: tuple[Any, ...] = ()
+        if index > 0:
+            dilation = ReDilation({name: scale for name in FREESCALE_DILATED_LAYERS[family]},
+                                  until_step=until)
+            specs = (fusion, dilation)
+        stages.append(FreeScaleStage(size[0], size[1], scale, specs))
+    return FreeScalePlan(tuple(stages), until)

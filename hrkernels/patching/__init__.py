@@ -1,6 +1,6 @@
 """Reversible, composable patching of a diffusers UNet: ``patch``, ``unpatch``, ``patched``,
 ``set_step``, named configurations switched per call (``variant``, ``set_variant``) and the spec
-types (``ReDilation``; later ``ScaleFusion``).
+types (``ReDilation``, ``ScaleFusion``).
 
 The public names are exported from :mod:`hrkernels` (``hrkernels.patch(unet, spec)``); this package
 is named ``patching`` so that the function ``hrkernels.patch`` shadows nothing.
@@ -22,6 +22,8 @@ Modules:
   registry through which a spec type says how it resolves layers, installs its behaviour into a
   configuration and removes it, and whether it can share modules across configurations.
 * :mod:`hrkernels.patching.names`: block and layer names -> modules (shared by the spec types).
+* :mod:`hrkernels.patching.scalefusion`: ``ScaleFusion`` (FreeScale's Scale Fusion attention) and
+  ``prepare_windows``.
 * :mod:`hrkernels.patching.redilation`: ``ReDilation`` (ScaleCrafter's re-dilated and dispersed
   convolutions; one forward per layer holds the factors of every configuration).
 
@@ -54,6 +56,7 @@ from hrkernels.patching.registry import (
     unpatch,
     variant,
 )
+from hrkernels.patching.scalefusion import ScaleFusion, prepare_windows
 
 __all__ = [
     "DEFAULT_VARIANT",
@@ -62,10 +65,12 @@ __all__ = [
     "PatchState",
     "Plan",
     "ReDilation",
+    "ScaleFusion",
     "is_patched",
     "patch",
     "patch_state",
     "patched",
+    "prepare_windows",
     "redilation_factor",
     "register_spec_type",
     "set_step",

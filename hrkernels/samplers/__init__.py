@@ -3,6 +3,7 @@
 * :class:`DemoFusion` -- progressive upscaling, skip residual, dilated sampling.
 * :class:`APT` -- Adaptive Path Tracing on DemoFusion: statistical matching, scale-aware
   scheduling, shortcut.
+* :class:`FreeScale` -- self-cascade in RGB, restrained dilation, Scale Fusion attention.
 * :class:`ScaleCrafter` -- direct inference with a re-dilated UNet (presets from
   :mod:`hrkernels.presets`) and noise-damped guidance.
 
@@ -41,6 +42,7 @@ from __future__ import annotations
 from hrkernels.samplers.apt import APT
 from hrkernels.samplers.base import Sampler
 from hrkernels.samplers.demofusion import DemoFusion
+from hrkernels.samplers.freescale import FreeScale
 from hrkernels.samplers.outputs import NonFiniteLatentsError, SamplerOutput, StageResult
 from hrkernels.samplers.scalecrafter import ScaleCrafter
 
@@ -67,11 +69,13 @@ def register_sampler(name: str, sampler: type[Sampler]) -> None:
 register_sampler("demofusion", DemoFusion)
 register_sampler("apt", APT)
 register_sampler("scalecrafter", ScaleCrafter)
+register_sampler("freescale", FreeScale)
 
 __all__ = [
     "APT",
     "SAMPLERS",
     "DemoFusion",
+    "FreeScale",
     "NonFiniteLatentsError",
     "Sampler",
     "SamplerOutput",
