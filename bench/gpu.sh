@@ -33,10 +33,10 @@ for stage in "$@"; do
     ops)
       # Memory-bound families against eager and compiled references; the convolutions against the
       # unfused eager chain (their targets), which keeps the call inside the device's time limit.
-      python3 -m hrkernels bench --out "$OUT" --family views blur stats \
+      python3 -m hrkernels bench --out-dir "$OUT" --family views blur stats \
         ${FILTER:+--filter $FILTER} 2>&1 | tee "$OUT/ops.log"
       status=$((status | ${PIPESTATUS[0]}))
-      python3 -m hrkernels bench --out "$OUT" --family conv --name conv \
+      python3 -m hrkernels bench --out-dir "$OUT" --family conv --name conv \
         --providers torch hrkernels ${FILTER:+--filter $FILTER} 2>&1 | tee -a "$OUT/ops.log"
       status=$((status | ${PIPESTATUS[0]}))
       ;;

@@ -8,7 +8,8 @@ tensor of timesteps), outputs are numbers, tuples or small CPU tensors. See METH
 * :func:`scale_aware_betas` -- APT's beta table
   ``beta_t = (b0^eta + t (bT^eta - b0^eta) / T')^(1/eta)``.
 * :func:`apt_default_eta` -- APT's ``eta_s`` for a stage's upscale factor (paper, Table B).
-* :func:`stage_sizes` -- DemoFusion's progressive stage sizes.
+* :func:`stage_count` / :func:`stage_sizes` -- DemoFusion's progressive stages: how many (closed
+  form) and their sizes.
 * :func:`sublattice_factor` -- APT's statistical-matching lattice of a stage.
 * :func:`redilation_factor` -- ScaleCrafter's re-dilation factor of a layer at a step (progressive
   schedule).
@@ -25,10 +26,12 @@ import torch
 from hrkernels._validate import check_int, check_real
 
 __all__ = [
+    "MAX_STAGES",
     "apt_default_eta",
     "cosine_decay",
     "redilation_factor",
     "scale_aware_betas",
+    "stage_count",
     "stage_sizes",
     "sublattice_factor",
 ]
@@ -36,6 +39,11 @@ __all__ = [
 # APT, Table B: the best eta_s for a stage that upsamples by 2.0, 1.5 and 4/3 (the "1.33"/"1.3" of
 # the paper: the third stage of a x4 run), as (upscale factor, eta) in increasing factor order.
 _APT_ETA_TABLE: tuple[tuple[float, float], ...] = ((4.0 / 3.0, 3.5), (1.5, 3.0), (2.0, 2.0))
+
+# The most stages :func:`stage_sizes` lists. No sampler could run more (DemoFusion's stage s alone
+# evaluates s^2 dilated views per step: 1000 stages are over 3e8 views per step), and a size far
+# beyond it must fail at once, not after listing millions of stages.
+MAX_STAGES = 1000
 
 
 def cosine_decay(
@@ -101,7 +109,9 @@ def scale_aware_betas(
 
     Raises:
         TypeError: an argument of the wrong type.
-        ValueError: non-positive ``beta_start``, ``beta_end`` or ``eta``, or ``T < 2``.
+        ValueError: non-positive ``beta_start``, ``beta_end`` or ``eta``, or ``T < 2``; an ``eta``
+            so small or large that the float32 table does not run from ``beta_start`` to
+            ``beta_end`` inside (0, 1) (for SD's betas: outside about ``[1e-5, 13]``).
 
     Example::
 
@@ -114,7 +124,14 @@ def scale_aware_betas(
     beta_end = check_real(beta_end, "beta_end", greater_than=0)
     eta = check_real(eta, "eta", greater_than=0)
     start, end = float(beta_start) ** eta, float(beta_end) ** eta
-    return torch.linspace(start, end, num_train_timesteps, dtype=torch.float32) ** (1.0 / eta)
+    betas = torch.linspace(start, end, num_train_timesteps, dtype=torch.float32) ** (1.0 / eta)
+    ends = torch.tensor([beta_start, beta_end], dtype=torch.float32)
+    if not (bool(((betas > 0) & (betas < 1)).all())
+            and torch.allclose(betas[[0, -1]], ends, rtol=1e-3, atol=0)):
+        raise ValueError(f"eta={eta!r} gives a beta table that float32 cannot hold (it must run "
+                         f"from beta_start={beta_start} to beta_end={beta_end} inside (0, 1)); "
+                         "APT uses 2 to 3.5")
+    return betas
 
 
 def apt_default_eta(upscale_factor: float) -> float:
@@ -151,6 +168,29 @@ def apt_default_eta(upscale_factor: float) -> float:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def stage_count(height: int, width: int, base_size: int, multiple: int = 8) -> int:
+    """How many stages :func:`stage_sizes` has, ``ceil(max(H, W) / b)``, in closed form; checks
+    the size as :func:`stage_sizes` does.
+
+    Example::
+
+        >>> stage_count(4096, 4096, 1024), stage_count(1032, 1032, 1024)
+        (4, 2)
+    """
+    for name, value in (("base_size", base_size), ("multiple", multiple)):
+        check_int(value, name, minimum=1)
+    for name, value in (("height", height), ("width", width)):
+        check_int(value, name, minimum=1)
+        if value % multiple:
+            raise ValueError(f"{name} must be a multiple of {multiple} (the VAE's scale factor); "
+                             f"got {value}")
+    long_side = max(height, width)
+    if long_side < base_size:
+        raise ValueError(f"the long side of (height, width) = ({height}, {width}) must be >= the "
+                         f"model's base size {base_size}")
+    return -(-long_side // base_size)
+
+
 def stage_sizes(
     height: int, width: int, base_size: int, multiple: int = 8
 ) -> list[tuple[int, int]]:
@@ -174,7 +214,8 @@ def stage_sizes(
 
     Raises:
         TypeError: a size that is not an int.
-        ValueError: a size not a positive multiple of ``multiple``, or a long side below ``b``.
+        ValueError: a size not a positive multiple of ``multiple``, a long side below ``b``, or
+            more than :data:`MAX_STAGES` stages.
 
     Example::
 
@@ -185,18 +226,11 @@ def stage_sizes(
         >>> stage_sizes(1032, 1032, 1024)
         [(1024, 1024), (1032, 1032)]
     """
-    for name, value in (("base_size", base_size), ("multiple", multiple)):
-        check_int(value, name, minimum=1)
-    for name, value in (("height", height), ("width", width)):
-        check_int(value, name, minimum=1)
-        if value % multiple:
-            raise ValueError(f"{name} must be a multiple of {multiple} (the VAE's scale factor); "
-                             f"got {value}")
+    count = stage_count(height, width, base_size, multiple)
+    if count > MAX_STAGES:
+        raise ValueError(f"(height, width) = ({height}, {width}) is {count} times the model's base "
+                         f"size {base_size}: {count} stages; at most {MAX_STAGES}")
     long_side = max(height, width)
-    if long_side < base_size:
-        raise ValueError(f"the long side of (height, width) = ({height}, {width}) must be >= the "
-                         f"model's base size {base_size}")
-    count = -(-long_side // base_size)
 
     def rounded(size: int, stage: int) -> int:
         # size * r_k / r with r_k = k < r: size * k * b / long_side, exactly, rounded half up.

@@ -7,15 +7,20 @@ Providers (DESIGN.md, "Benchmarks"):
 * ``hrkernels``: the public op (Triton on CUDA; on a CPU it is the reference again, and the results
   say so).
 
-GPU times are the median of ``triton.testing.do_bench`` after warm-up; CPU times are the median of a
-few wall-clock runs. Memory-bound cases report GB/s (the case's ``bytes_moved`` over the time) and
-the fraction of the device-to-device copy bandwidth measured in the same run; compute-bound cases
-report TFLOP/s.
+GPU times come from ``triton.testing.do_bench`` after warm-up; CPU times from wall-clock runs of
+batches of calls (each batch lasts at least :data:`CPU_SAMPLE_SECONDS`, so that a timer tick or a
+preemption does not quantise a fast op). Every result reports the median and the spread (min and
+max over the repeats); where the median is more than ``1 + MAX_SPREAD`` times the min (a busy
+machine), the result cannot rank providers: its ratios are not computed, and the table says so.
+Memory-bound cases report GB/s (the case's ``bytes_moved`` over the median time) and the fraction
+of the device-to-device copy bandwidth measured in the same run; compute-bound cases report
+TFLOP/s.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -31,16 +36,41 @@ from hrkernels.ops import select_backend
 
 PROVIDERS = ("torch", "torch.compile", "hrkernels")
 
+# A result whose median exceeds its min by more than this fraction was timed on a busy machine (or
+# with too coarse a timer): ratios to or from it are not computed.
+MAX_SPREAD = 0.5
+# Each CPU sample times enough calls to last at least this long.
+CPU_SAMPLE_SECONDS = 0.02
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds per call over repeats: the median, min and max."""
+
+    median: float
+    minimum: float
+    maximum: float
+
+    @property
+    def steady(self) -> bool:
+        """Whether the median is within ``1 + MAX_SPREAD`` of the min (the runs agree)."""
+        return self.median <= (1 + MAX_SPREAD) * self.minimum
+
 
 @dataclass
 class Result:
-    """One case timed by one provider."""
+    """One case timed by one provider (``ms``: the median; ``ms_min``/``ms_max``: the spread;
+    ``steady``: see :class:`Timing`; ratios are None where this result or the one it is compared
+    with is not steady)."""
 
     op: str
     label: str
     provider: str
     backend: str
     ms: float
+    ms_min: float | None = None
+    ms_max: float | None = None
+    steady: bool = True
     gbps: float | None = None
     copy_fraction: float | None = None
     tflops: float | None = None
@@ -49,20 +79,25 @@ class Result:
     max_abs_error: float | None = None
 
 
-def time_ms(fn: Callable[[], Any], device: torch.device) -> float:
-    """Median time of ``fn`` in milliseconds (after warm-up)."""
+def time_ms(fn: Callable[[], Any], device: torch.device) -> Timing:
+    """Milliseconds per call of ``fn`` (after warm-up): median, min and max over repeats."""
     if device.type == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        median, minimum, maximum = triton.testing.do_bench(fn, warmup=25, rep=100,
+                                                           quantiles=[0.5, 0.0, 1.0])
+        return Timing(float(median), float(minimum), float(maximum))
+    start = time.perf_counter()
     fn()  # warm-up
+    calls = max(1, math.ceil(CPU_SAMPLE_SECONDS / max(time.perf_counter() - start, 1e-9)))
     samples = []
     deadline = time.perf_counter() + 0.3
-    while len(samples) < 3 or (time.perf_counter() < deadline and len(samples) < 20):
+    while len(samples) < 5 or (time.perf_counter() < deadline and len(samples) < 20):
         start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - start) * 1e3 / calls)
+    return Timing(statistics.median(samples), min(samples), max(samples))
 
 
 def gbps(nbytes: float, milliseconds: float) -> float:
@@ -76,7 +111,7 @@ def copy_bandwidth_gbps(device: torch.device, megabytes: int = 512) -> float:
         megabytes = 64
     source = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device).random_()
     target = torch.empty_like(source)
-    milliseconds = time_ms(lambda: target.copy_(source), device)
+    milliseconds = time_ms(lambda: target.copy_(source), device).median
     return gbps(2 * source.numel(), milliseconds)
 
 
@@ -122,11 +157,12 @@ def run_cases(
             output = _first_tensor(function(inputs))  # also compiles / warms up
             error = (output.float() - expected.float()).abs().max().item()
             first_call = time.perf_counter() - started
-            milliseconds = time_ms(lambda f=function, i=inputs: f(i), device)
+            timing = time_ms(lambda f=function, i=inputs: f(i), device)
+            milliseconds = timing.median
             if first_call > 5:
                 log(f"  ({case.op} {case.label} {provider}: first call took {first_call:.0f} s)")
-            result = Result(case.op, case.label, provider, backend, milliseconds,
-                            max_abs_error=error)
+            result = Result(case.op, case.label, provider, backend, milliseconds, timing.minimum,
+                            timing.maximum, timing.steady, max_abs_error=error)
             if case.bytes_moved is not None:
                 result.gbps = gbps(case.bytes_moved(inputs), milliseconds)
                 result.copy_fraction = result.gbps / bandwidth
@@ -134,12 +170,10 @@ def run_cases(
                 result.tflops = case.flops(inputs) / (milliseconds * 1e-3) / 1e12
             rows[provider] = result
         for result in rows.values():
-            if "torch" in rows:
-                result.speedup_vs_torch = rows["torch"].ms / result.ms
-            if "torch.compile" in rows:
-                result.speedup_vs_compile = rows["torch.compile"].ms / result.ms
-        for result in rows.values():
-            log(format_row(result))
+            result.speedup_vs_torch = _ratio(rows.get("torch"), result)
+            result.speedup_vs_compile = _ratio(rows.get("torch.compile"), result)
+        for line in format_rows(list(rows.values())):
+            log(line)
         results.extend(rows.values())
         if on_case is not None:
             on_case(results, bandwidth)
@@ -149,22 +183,51 @@ def run_cases(
     return results, bandwidth
 
 
-def format_row(result: Result) -> str:
-    """One result as a line of the Markdown table."""
+def _ratio(baseline: Result | None, result: Result) -> float | None:
+    """``baseline.ms / result.ms``, or None without a baseline or when either is not steady."""
+    if baseline is None or not (baseline.steady and result.steady):
+        return None
+    return baseline.ms / result.ms
+
+
+# What the ratio columns show where a ratio was withheld because of the spread.
+UNSTEADY = "spread too wide"
+
+
+def format_row(result: Result, steady_baselines: dict[str, bool] | None = None) -> str:
+    """One result as a line of the Markdown table (``steady_baselines``: provider -> whether its
+    result on this case was steady, to say why a ratio is missing)."""
     def number(value: float | None, pattern: str) -> str:
         return "" if value is None else pattern.format(value)
 
+    def ratio(value: float | None, baseline: str) -> str:
+        steady = (steady_baselines or {}).get(baseline)
+        if value is None and steady is not None and not (steady and result.steady):
+            return UNSTEADY
+        return number(value, "{:.2f}x")
+
+    spread = ("" if result.ms_min is None else f"{result.ms_min:.4f}-{result.ms_max:.4f}"
+              + ("" if result.steady else " (busy)"))
     return (f"| {result.op} | {result.label} | {result.provider} | {result.backend} "
-            f"| {result.ms:.4f} | {number(result.gbps, '{:.0f}')} "
+            f"| {result.ms:.4f} | {spread} | {number(result.gbps, '{:.0f}')} "
             f"| {number(result.copy_fraction, '{:.0%}')} | {number(result.tflops, '{:.1f}')} "
-            f"| {number(result.speedup_vs_torch, '{:.2f}x')} "
-            f"| {number(result.speedup_vs_compile, '{:.2f}x')} |")
+            f"| {ratio(result.speedup_vs_torch, 'torch')} "
+            f"| {ratio(result.speedup_vs_compile, 'torch.compile')} |")
+
+
+def format_rows(results: list[Result]) -> list[str]:
+    """The table lines of ``results`` (the ratio columns say where the spread withheld a ratio)."""
+    steady = {(r.op, r.label, r.provider): r.steady for r in results}
+    return [format_row(result, {provider: steady[(result.op, result.label, provider)]
+                                for provider in PROVIDERS
+                                if (result.op, result.label, provider) in steady})
+            for result in results]
 
 
 TABLE_HEADER = (
-    "| op | shape | provider | backend | ms | GB/s | % copy BW | TFLOP/s | vs torch "
-    "| vs compile |\n"
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    "| op | shape | provider | backend | ms (median) | min-max ms | GB/s | % copy BW | TFLOP/s "
+    "| vs torch | vs compile |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 )
 
 
@@ -179,31 +242,40 @@ def markdown(results: list[Result], env: dict[str, str], bandwidth: float, dtype
     lines += [
         f"dtype {str(dtype).removeprefix('torch.')}; torch {env['torch']}, triton {env['triton']}, "
         f"CUDA {env['cuda']}; measured copy bandwidth {bandwidth:.0f} GB/s (read + write).",
-        "Times are medians; GB/s counts each input read once and each output written once.",
+        f"Times are medians over repeats, with their min-max; a result whose median is over "
+        f"{1 + MAX_SPREAD:g}x its min (a busy machine) ranks no provider: its ratios read "
+        f"\"{UNSTEADY}\". GB/s counts each input read once and each output written once.",
         "",
         TABLE_HEADER,
     ]
-    lines += [format_row(result) for result in results]
+    lines += format_rows(results)
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[Result], path: Path, title: str) -> bool:
-    """A bar chart of each provider's speedup over the eager reference; False without matplotlib."""
+def plot(results: list[Result], path: Path, title: str) -> str | None:
+    """A bar chart of each provider's speedup over the eager reference (``"torch"``), bars only
+    where a ratio exists; returns None when written, else why not (no matplotlib, no ratio)."""
+    speedup = {(r.op, r.label, r.provider): r.speedup_vs_torch for r in results
+               if r.speedup_vs_torch is not None}
+    if not speedup:
+        return ("no chart: it shows speed-ups over the 'torch' provider, and no result has one "
+                "(the 'torch' provider did not run, or every spread was too wide)")
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return "no chart: matplotlib is not installed (pip install -e \".[bench]\")"
     cases = list(dict.fromkeys((r.op, r.label) for r in results))
-    providers = list(dict.fromkeys(r.provider for r in results))
-    speedup = {(r.op, r.label, r.provider): r.speedup_vs_torch or 0.0 for r in results}
+    providers = list(dict.fromkeys(provider for _, _, provider in speedup))
     figure, axes = plt.subplots(figsize=(max(6, 1.2 * len(cases)), 4.5))
     width = 0.8 / len(providers)
     for index, provider in enumerate(providers):
-        heights = [speedup.get((op, label, provider), 0.0) for op, label in cases]
-        axes.bar([c + index * width for c in range(len(cases))], heights, width, label=provider)
+        bars = [(c, speedup[(op, label, provider)]) for c, (op, label) in enumerate(cases)
+                if (op, label, provider) in speedup]
+        axes.bar([c + index * width for c, _ in bars], [value for _, value in bars], width,
+                 label=provider)
     axes.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
     axes.set_xticklabels([f"{op}\n{label}" for op, label in cases], rotation=45, ha="right",
                          fontsize=7)
@@ -215,7 +287,7 @@ def plot(results: list[Result], path: Path, title: str) -> bool:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-    return True
+    return None
 
 
 def device_tag(env: dict[str, str]) -> str:
@@ -228,9 +300,9 @@ def device_tag(env: dict[str, str]) -> str:
 
 
 def write_results(results: list[Result], bandwidth: float, dtype: torch.dtype, out_dir: Path,
-                  prefix: str = "ops") -> list[Path]:
+                  prefix: str = "ops", log: Callable[[str], None] | None = None) -> list[Path]:
     """Write ``<prefix>_<device>.json``, ``.md`` and ``.png`` under ``out_dir``; returns the
-    paths written."""
+    paths written (``log`` hears why a chart was not drawn)."""
     env = environment()
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{prefix}_{device_tag(env)}"
@@ -239,6 +311,9 @@ def write_results(results: list[Result], bandwidth: float, dtype: torch.dtype, o
     paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
     paths[0].write_text(json.dumps(document, indent=2) + "\n")
     paths[1].write_text(markdown(results, env, bandwidth, dtype))
-    if plot(results, stem.with_suffix(".png"), f"{prefix} on {env['device']}"):
+    why_not = plot(results, stem.with_suffix(".png"), f"{prefix} on {env['device']}")
+    if why_not is None:
         paths.append(stem.with_suffix(".png"))
+    elif log is not None:
+        log(why_not)
     return paths

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import sys
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
-from hrkernels.cli import DTYPES, default_device, resolve_dtype
+from hrkernels.cli import DTYPES, default_device, reports_usage_errors, resolve_dtype
 
 NAME = "generate"
 HELP = "generate a high-resolution image"
@@ -55,11 +56,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-noise-damped", action="store_true",
                         help="scalecrafter: ordinary CFG instead of the preset's noise-damped "
                              "guidance")
+    parser.add_argument("--fast-mode", action="store_true",
+                        help="freescale: Scale Fusion's global branch within dilated sub-grids")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="freescale: the skip residual's exponent of c(t) (default 2)")
+    parser.add_argument("--image", type=Path, default=None,
+                        help="freescale: an existing image (file) that replaces the first "
+                             "stage's result")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--out", required=True, type=Path,
                         help="output image file (.png); several images get _1, _2, ... suffixes")
     parser.add_argument("--previews", type=Path, default=None,
-                        help="directory for every stage's decoded preview (stage_<s>_<h>x<w>.png)")
+                        help="directory for every stage's decoded preview "
+                             "(stage_<s>_<width>x<height>.png)")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
                         help="sample with this scheduler class, built from the pipeline's "
                              "scheduler config (default: the method's choice)")
@@ -74,6 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_pipeline(model: str, device: str, dtype: Any) -> Any:
     """The pipeline named by ``--model`` on ``device`` in ``dtype``."""
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
     from hrkernels.samplers.pipelines import adapter_for
 
@@ -81,9 +91,62 @@ def load_pipeline(model: str, device: str, dtype: Any) -> Any:
         from hrkernels.testing import tiny_pipeline
 
         return tiny_pipeline(TINY_MODELS[model], dtype=dtype, device=device)
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its retries and fallbacks; the failure is ours
+    try:
+        with warnings.catch_warnings():
+            # diffusers 0.42 renames torch_dtype to dtype; older releases know only torch_dtype.
+            warnings.filterwarnings("ignore", message=".*torch_dtype", category=FutureWarning)
+            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    except (OSError, ValueError) as error:
+        reason = " ".join(str(error).split())
+        reason = reason if len(reason) <= 200 else reason[:197] + "..."
+        raise ValueError(f"--model {model!r}: cannot load a diffusers pipeline ({reason}); pass a "
+                         "folder with a model_index.json, a hub id that is reachable or cached, "
+                         f"or one of {', '.join(TINY_MODELS)}") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     adapter_for(pipe, "hrkernels generate")
     return pipe.to(device)
+
+
+# Image file types --out may name (PIL writes them all).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def check_outputs(out: Path, previews: Path | None) -> None:
+    """``--out`` names an image file in a folder that exists or can be created and is writable;
+    ``--previews`` likewise a folder: checked before any work, so a bad path never costs a
+    generation.
+
+    Raises:
+        ValueError: a file name without an image extension, a folder, or a place that cannot be
+            written.
+    """
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"--out {str(out)!r} must end in an image extension "
+                         f"({', '.join(IMAGE_SUFFIXES)}); got {out.suffix or 'none'}")
+    if out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a folder; name a file in it, e.g. "
+                         f"{str(out / 'image.png')!r}")
+    _check_writable_folder(out.parent, "--out", str(out))
+    if previews is not None:
+        if previews.exists() and not previews.is_dir():
+            raise ValueError(f"--previews {str(previews)!r} is a file; name a folder")
+        _check_writable_folder(previews, "--previews", str(previews))
+
+
+def _check_writable_folder(folder: Path, option: str, given: str) -> None:
+    """``folder`` exists and is writable, or its nearest existing ancestor is a writable folder
+    (where it will be created)."""
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{option} {given!r}: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {given!r}: the folder {str(existing)!r} is not writable; "
+                         "choose another place")
 
 
 def _output_paths(out: Path, count: int) -> list[Path]:
@@ -103,10 +166,14 @@ def _sampler_options(args: argparse.Namespace, sampler: type) -> dict[str, Any]:
         except ValueError:
             raise ValueError(f'--view-batch-size must be "auto" or an int; got '
                              f"{args.view_batch_size!r}") from None
-    if args.no_noise_damped:
-        if "noise_damped" not in inspect.signature(sampler).parameters:
-            raise ValueError(f"--no-noise-damped: {args.method} has no noise-damped guidance")
-        options["noise_damped"] = False
+    for flag, option, value, given in (
+            ("--no-noise-damped", "noise_damped", False, args.no_noise_damped),
+            ("--fast-mode", "fast_mode", True, args.fast_mode),
+            ("--alpha", "alpha", args.alpha, args.alpha is not None)):
+        if given:
+            if option not in inspect.signature(sampler).parameters:
+                raise ValueError(f"{flag}: {args.method} takes no {option}")
+            options[option] = value
     if args.scheduler is not None:
         if "scheduler" not in inspect.signature(sampler).parameters:
             raise ValueError(f"--scheduler: {args.method} samples with its own scheduler "
@@ -115,30 +182,47 @@ def _sampler_options(args: argparse.Namespace, sampler: type) -> dict[str, Any]:
     return options
 
 
+def _call_options(args: argparse.Namespace, sampler: type) -> dict[str, Any]:
+    """The method's call options of the command line (``--image``)."""
+    if args.image is None:
+        return {}
+    if "image" not in inspect.signature(sampler.__call__).parameters:
+        raise ValueError(f"--image: {args.method} takes no input image")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return {"image": Image.open(args.image).convert("RGB")}
+    except (OSError, UnidentifiedImageError) as error:
+        raise ValueError(f"--image: cannot read {args.image}: {error}") from None
+
+
+@reports_usage_errors(NAME)
 def run(args: argparse.Namespace) -> int:
-    """Run ``hrkernels generate``; returns the exit status (0, or 2 for a bad argument)."""
+    """Run ``hrkernels generate``; returns the exit status (0, or 2 for a bad argument, device,
+    backend, model or output path: one line on stderr, before any model work where it can be
+    known then)."""
     import torch
 
+    from hrkernels.ops._backend import check_backend
     from hrkernels.samplers import SAMPLERS
 
     device = default_device(args.device)
+    check_backend(torch.device(device))
     dtype = resolve_dtype(args.dtype, device)
+    check_outputs(args.out, args.previews)
     sampler_class = SAMPLERS[args.method]
-    try:
-        options = _sampler_options(args, sampler_class)
-        pipe = load_pipeline(args.model, device, dtype)
-        sampler = sampler_class(pipe, **options)
-        base = sampler.adapter.base_size
-        height, width = args.height or 2 * base, args.width or 2 * base
-        generator = torch.Generator(device=device).manual_seed(args.seed)
-        output = sampler(prompt=args.prompt, negative_prompt=args.negative_prompt, height=height,
-                         width=width, num_inference_steps=args.steps,
-                         guidance_scale=args.guidance, eta=args.eta, generator=generator,
-                         output_type="pil",
-                         decode_stages=args.previews is not None, progress=True)
-    except (TypeError, ValueError) as error:
-        print(f"hrkernels generate: {error}", file=sys.stderr)
-        return 2
+    options = _sampler_options(args, sampler_class)
+    pipe = load_pipeline(args.model, device, dtype)
+    sampler = sampler_class(pipe, **options)
+    base = sampler.adapter.base_size
+    height, width = args.height or 2 * base, args.width or 2 * base
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    output = sampler(prompt=args.prompt, negative_prompt=args.negative_prompt, height=height,
+                     width=width, num_inference_steps=args.steps,
+                     guidance_scale=args.guidance, eta=args.eta, generator=generator,
+                     output_type="pil",
+                     decode_stages=args.previews is not None, progress=True,
+                     **_call_options(args, sampler_class))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for image, path in zip(output.images, _output_paths(args.out, len(output.images)), strict=True):
         image.save(path)
@@ -146,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
     if args.previews is not None:
         args.previews.mkdir(parents=True, exist_ok=True)
         for stage in output.stages:
-            stem = f"stage_{stage.stage}_{stage.height}x{stage.width}"
+            stem = f"stage_{stage.stage}_{stage.width}x{stage.height}"  # W x H, as --out's
             paths = _output_paths(args.previews / f"{stem}.png", len(stage.images))
             for path, image in zip(paths, stage.images, strict=True):
                 image.save(path)

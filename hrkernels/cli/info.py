@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from hrkernels.cli import reports_usage_errors
+
 NAME = "info"
 HELP = "versions, device and usable backends"
 
@@ -12,6 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``info`` takes no options."""
 
 
+@reports_usage_errors(NAME)
 def run(args: argparse.Namespace) -> int:
     from hrkernels.env import environment
 

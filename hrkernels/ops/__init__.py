@@ -10,17 +10,20 @@ reference. See ``_backend.py`` for the tables, ``HRKERNELS_BACKEND`` and :func:`
 from hrkernels.ops._backend import BackendUnavailableError, select_backend, use_backend
 from hrkernels.ops.blur import frequency_fusion, gaussian_blur2d, gaussian_kernel1d
 from hrkernels.ops.conv import dilated_conv2d, disperse_kernel, dispersion_matrix
+from hrkernels.ops.norm import combine_group_stats, group_norm_silu, group_stats
 from hrkernels.ops.stats import match_stats
 from hrkernels.ops.views import (
     gather_dilated,
     gather_windows,
     scatter_dilated,
     scatter_windows_mean,
+    window_count,
     window_grid,
 )
 
 __all__ = [
     "BackendUnavailableError",
+    "combine_group_stats",
     "dilated_conv2d",
     "disperse_kernel",
     "dispersion_matrix",
@@ -29,10 +32,13 @@ __all__ = [
     "gather_windows",
     "gaussian_blur2d",
     "gaussian_kernel1d",
+    "group_norm_silu",
+    "group_stats",
     "match_stats",
     "scatter_dilated",
     "scatter_windows_mean",
     "select_backend",
     "use_backend",
+    "window_count",
     "window_grid",
 ]

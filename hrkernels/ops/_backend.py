@@ -62,6 +62,18 @@ class BackendUnavailableError(RuntimeError):
     """A backend was forced (``HRKERNELS_BACKEND`` or :func:`use_backend`) but cannot run here."""
 
 
+def check_backend(device: torch.device) -> str:
+    """The backend the ops will run on ``device`` (``"triton"`` or ``"torch"``): checks
+    ``HRKERNELS_BACKEND`` and a forced backend once, before any work (the ``hrkernels`` commands
+    call it first).
+
+    Raises:
+        ValueError: ``HRKERNELS_BACKEND`` is not a backend name.
+        BackendUnavailableError: the forced backend cannot run on ``device``.
+    """
+    return select_backend("", device)
+
+
 def _check_name(name: str, source: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")
@@ -143,7 +155,8 @@ def _warn_once(message: str) -> None:
 
 
 def select_backend(op: str, device: torch.device) -> str:
-    """Return ``"triton"`` or ``"torch"`` for one call of ``op`` on ``device``.
+    """Return ``"triton"`` or ``"torch"`` for one call of ``op`` on ``device`` (``op`` names the op
+    in messages; ``""``: any op).
 
     Raises:
         BackendUnavailableError: a forced backend cannot run on this device or installation.
@@ -153,14 +166,15 @@ def select_backend(op: str, device: torch.device) -> str:
         return "triton"  # the common case, decided without the checks below
     if requested == "torch":
         return "torch"
+    prefix = f"hrkernels.ops.{op}: " if op else ""
     if requested == "cuda":
-        raise BackendUnavailableError(f"hrkernels.ops.{op}: backend 'cuda' requested, but "
-                                      f"{cuda_unavailable_reason()}")
+        raise BackendUnavailableError(f"{prefix}backend 'cuda' requested, but "
+                                      f"{cuda_unavailable_reason()}; use auto, triton or torch")
     reason = triton_unavailable_reason(device)
     if requested == "triton":
         if reason is not None:
-            raise BackendUnavailableError(f"hrkernels.ops.{op}: backend 'triton' requested, but "
-                                          f"{reason}")
+            raise BackendUnavailableError(f"{prefix}backend 'triton' requested, but {reason}; "
+                                          "use auto or torch")
         return "triton"
     if device.type == "cuda":
         if reason is None:
@@ -282,6 +296,19 @@ def _plain_eager(args: tuple) -> bool:
     return True
 
 
+def _no_context(ctx: object, inputs: tuple, output: object) -> None:
+    """Nothing to save: the ops have no backward (:func:`_no_backward`)."""
+
+
+def _no_backward(name: str, ctx: object, *grads: object) -> None:
+    """The ops are inference-only. A forward under grad mode works (a patched UNet's weights
+    require grad), so the error comes where a gradient is asked for, and says so."""
+    raise RuntimeError(f"hrkernels.ops.{name} is inference-only: it has no backward, so no "
+                       "gradient flows through it. Run it under torch.no_grad() or "
+                       "torch.inference_mode() (hrkernels' samplers do); for gradients, use "
+                       "the op's PyTorch reference (hrkernels/ops/<family>/reference.py)")
+
+
 class RegisteredOp:
     """A ``torch.library.custom_op`` (``hrkernels::<name>``, no mutated arguments) whose plain eager
     calls skip the dispatcher.
@@ -302,11 +329,14 @@ class RegisteredOp:
         # The op's implementation table; None for an op with one implementation.
         self.table = implementation if isinstance(implementation, ImplementationTable) else None
         prototype = implementation if self.table is None else self.table.reference
+        self.name = name
         self.op = torch.library.custom_op(
             f"hrkernels::{name}", implementation, mutates_args=(),
             schema=torch.library.infer_schema(prototype, mutates_args=()))
         if fake is not None:
             self.op.register_fake(fake)
+        self.op.register_autograd(functools.partial(_no_backward, name),
+                                  setup_context=_no_context)
         functools.update_wrapper(self, prototype, updated=())
 
     def __call__(self, *args):

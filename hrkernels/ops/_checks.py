@@ -63,3 +63,29 @@ def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
+
+
+def host_readable(tensor: torch.Tensor) -> bool:
+    """Whether a check may read ``tensor``'s values: a plain CPU tensor, outside ``torch.compile``
+    and dispatch modes, where reading costs no device synchronisation and no graph break. Tensors
+    on a GPU are not read (that would synchronise the device inside a sampler's step loop)."""
+    return (type(tensor) is torch.Tensor and tensor.device.type == "cpu"
+            and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0)
+
+
+def check_tensor_values(tensor: torch.Tensor, name: str, *, greater_than: float | None = None,
+                        minimum: float | None = None) -> None:
+    """Where :func:`host_readable`: no value of ``tensor`` at or below ``greater_than`` / below
+    ``minimum``, else ``ValueError`` (a zero blur ``sigma`` would give NaN, a negative ``std`` flip
+    the sign). NaN passes, as NaN in the input does: a sampler reports it with its stage and step.
+    On a GPU nothing is checked (see :func:`host_readable`)."""
+    if not host_readable(tensor):
+        return
+    if greater_than is not None and bool((tensor <= greater_than).any()):
+        bound = f"> {greater_than:g}"
+    elif minimum is not None and bool((tensor < minimum).any()):
+        bound = f">= {minimum:g}"
+    else:
+        return
+    shown = tensor.tolist() if tensor.numel() <= 8 else f"a tensor of shape {list(tensor.shape)}"
+    raise ValueError(f"{name} must be {bound}; got {shown}")

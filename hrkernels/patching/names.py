@@ -101,11 +101,17 @@ def get_module(model: nn.Module, name: str, what: str = "layer") -> nn.Module:
     modules = dict(model.named_modules())
     if name and name in modules:
         return modules[name]
-    raise ValueError(
-        f"{what} {name!r} does not exist in this {type(model).__name__}; its blocks are "
-        f"{', '.join(block_names(model))} (a block stands for its layers; a single layer is named "
-        f"in full, e.g. 'down_blocks.0.resnets.0.conv1')"
-    )
+    raise ValueError(f"{what} {name!r} does not exist in this {type(model).__name__}; "
+                     f"{_blocks_text(model)}")
+
+
+def _blocks_text(model: nn.Module) -> str:
+    """What a message lists as the blocks of ``model`` (or says that it has none)."""
+    blocks = block_names(model)
+    if not blocks:
+        return "it has no blocks holding convolutions (is it a UNet? patch pipe.unet)"
+    return (f"its blocks are {', '.join(blocks)} (a block stands for its layers; a single layer "
+            "is named in full, e.g. 'down_blocks.0.resnets.0.conv1')")
 
 
 def resolve_convs(model: nn.Module, name: str) -> list[ConvSlot]:
@@ -135,8 +141,6 @@ def resolve_convs(model: nn.Module, name: str) -> list[ConvSlot]:
         and slot.conv.groups == 1
     ]
     if not selected:
-        raise ValueError(
-            f"{name!r} ({type(module).__name__}) holds no 3x3 convolution; name a block "
-            f"({', '.join(block_names(model))}) or a convolution layer"
-        )
+        raise ValueError(f"{name!r} ({type(module).__name__}) holds no 3x3 convolution; name "
+                         f"a block or a convolution layer: {_blocks_text(model)}")
     return selected

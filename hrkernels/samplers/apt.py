@@ -4,7 +4,8 @@ Algorithm 1).
 What changes from :class:`~hrkernels.samplers.DemoFusion`:
 
 * **Sampler**: DDIM with eta = 0 (the paper's), built from the pipeline's scheduler config (with
-  ``clip_sample=False``, whatever that config says), for every stage.
+  ``clip_sample=False``, whatever that config says), for every stage; ``scheduler=`` picks another
+  class (one that keeps its input sample and takes ``trained_betas``), used for both paths.
 * **Statistical matching**: after the bicubic upsampling to stage ``s``, each of the ``s_h x s_w``
   dilated sub-lattices of the latent (the stage's latent size over the base latent size, rounded
   half up: :func:`hrkernels.schedules.sublattice_factor`) is renormalised to the mean/std of the
@@ -22,6 +23,7 @@ Randomness: as DemoFusion (DDIM with eta = 0 draws nothing in its steps).
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -42,13 +44,17 @@ __all__ = ["APT"]
 
 _UNSET = object()
 
+# Step options that make a scheduler's step draw noise (DDIM's eta, Euler's s_churn).
+_STOCHASTIC_OPTIONS = ("eta", "s_churn")
+
 
 class APT(DemoFusion):
     """APT over DemoFusion, for ``StableDiffusionPipeline`` and ``StableDiffusionXLPipeline``.
 
     Args:
         pipe: the pipeline (its scheduler's config supplies ``beta_start``, ``beta_end``,
-            timestep spacing; the sampling itself is DDIM, eta = 0).
+            timestep spacing; the sampling itself is DDIM, eta = 0, unless ``scheduler`` says
+            otherwise).
         scale_aware_eta: the scale-aware exponent ``eta_s`` of each stage ``s >= 2`` (the
             paper's eta; not DDIM's): None (default) picks it from the stage's upscale factor
             (:func:`hrkernels.schedules.apt_default_eta`: x2 -> 2, x1.5 -> 3, x4/3 -> 3.5); a
@@ -57,6 +63,12 @@ class APT(DemoFusion):
         shortcut_steps: ``T0``: stages ``>= 2`` run the last ``T0`` of the ``num_inference_steps``
             timesteps (default 30 of 50); None runs them all.
         per_channel: statistical matching per latent channel instead of over all channels.
+        scheduler: a scheduler class to sample with instead of DDIM (the paper's), or an instance
+            (built from its own config); both paths' schedulers are built from it, the
+            scale-aware one with ``trained_betas``, so the class must take ``trained_betas`` and
+            keep its input sample (DDIM, Euler, DPM-Solver++ multistep, ...). Its steps must be
+            deterministic (no DDIM ``eta`` > 0 or Euler ``s_churn`` > 0): the two paths step
+            from one sample.
         stride, cosine_scales, sigma, view_batch_size, executor: as :class:`DemoFusion`.
         eta: the former name of ``scale_aware_eta`` (deprecated: it is easily confused with
             DDIM's eta).
@@ -81,11 +93,12 @@ class APT(DemoFusion):
         cosine_scales: Sequence[float] = (3, 1, 1),
         sigma: float = 0.8,
         view_batch_size: int | str = "auto",
+        scheduler: Any = None,
         executor: Executor | None = None,
         eta: Any = _UNSET,
     ) -> None:
         super().__init__(pipe, stride=stride, cosine_scales=cosine_scales, sigma=sigma,
-                         view_batch_size=view_batch_size, executor=executor)
+                         view_batch_size=view_batch_size, scheduler=scheduler, executor=executor)
         if eta is not _UNSET:
             warnings.warn("APT(eta=...) is renamed APT(scale_aware_eta=...) (it is the paper's "
                           "scale-aware exponent, not DDIM's eta)", FutureWarning, stacklevel=2)
@@ -107,13 +120,40 @@ class APT(DemoFusion):
             if key not in config:
                 raise TypeError(f"APT needs a scheduler config with {key} (scale-aware betas); "
                                 f"{type(self.scheduler_template).__name__} has none")
+        if self.scheduler is not None and "trained_betas" not in inspect.signature(
+                self.scheduler.__init__).parameters:
+            raise TypeError(f"APT: scheduler {self.scheduler.__name__} cannot take trained_betas "
+                            "(the scale-aware schedule); use DDIMScheduler (the paper's), "
+                            "EulerDiscreteScheduler or DPMSolverMultistepScheduler")
+        etas = scale_aware_eta if isinstance(scale_aware_eta, tuple) else (scale_aware_eta,)
+        for eta_s in etas:
+            if eta_s is not None:
+                self.scale_aware_betas(eta_s, "scale_aware_eta")
+
+    def scale_aware_betas(self, eta_s: float, name: str = "eta_s") -> list[float]:
+        """The scale-aware beta table at ``eta_s`` for the scheduler config (``name``: the
+        argument messages name).
+
+        Raises:
+            ValueError: ``eta_s`` out of what float32 can hold
+                (:func:`hrkernels.schedules.scale_aware_betas`).
+        """
+        config = self.scheduler_template.config
+        try:
+            betas = scale_aware_betas(config.beta_start, config.beta_end, eta_s,
+                                      config.num_train_timesteps)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
+        return betas.tolist()
 
     def check_call(self, sizes: list[tuple[int, int]], num_inference_steps: int,
                    step_options: dict[str, Any], **method_options: Any) -> None:
-        if step_options.get("eta", 0) != 0:
-            raise ValueError("APT samples with DDIM eta = 0 (the paper's Algorithm 1); "
-                             f"step_options eta={step_options['eta']!r} is not supported (the two "
-                             "paths' stochastic steps would draw independent noise)")
+        for option in _STOCHASTIC_OPTIONS:
+            if step_options.get(option, 0) != 0:
+                raise ValueError(f"APT's steps must be deterministic (the paper's DDIM eta = 0): "
+                                 f"step_options {option}={step_options[option]!r} is not "
+                                 "supported (the two paths' stochastic steps would draw "
+                                 "independent noise)")
         eta = self.scale_aware_eta
         if isinstance(eta, Sequence) and len(eta) != len(sizes) - 1:
             raise ValueError(f"scale_aware_eta has {len(eta)} values but this size has "
@@ -153,15 +193,13 @@ class APT(DemoFusion):
 
     def schedule_for(self, stage: int, sizes: list[tuple[int, int]], num_inference_steps: int,
                      device: torch.device) -> StageSchedule:
-        """DDIM; stages >= 2 add the local path's scale-aware DDIM (``"local"``), start at the
-        shortcut and noise with the scale-aware table."""
+        """The sampling scheduler (DDIM by default); stages >= 2 add the local path's scale-aware
+        one (``"local"``), start at the shortcut and noise with the scale-aware table."""
         template, steps, cls = self.scheduler_template, num_inference_steps, self.scheduler_class()
         if stage == 1:
             return stage_schedule(template, steps, device, scheduler_class=cls,
                                   set_begin_index=False)
-        config = template.config
-        betas = scale_aware_betas(config.beta_start, config.beta_end, self.stage_eta(stage, sizes),
-                                  config.num_train_timesteps).tolist()
+        betas = self.scale_aware_betas(self.stage_eta(stage, sizes))
         local = fresh_scheduler(template, steps, begin_index=None, scheduler_class=cls,
                                 trained_betas=betas)
         return stage_schedule(template, steps, device, scheduler_class=cls,

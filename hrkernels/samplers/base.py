@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -30,7 +31,31 @@ from hrkernels.samplers.schedulers import (
 )
 from hrkernels.samplers.stages import Run, StepCallback, resolve_generator
 
-__all__ = ["Sampler"]
+__all__ = ["Sampler", "ViewPlan"]
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    """What a call evaluates, counted in closed form before any model work
+    (:meth:`Sampler.view_plan`).
+
+    Attributes:
+        sizes: each stage's size in pixels, ``(height, width)``.
+        steps: the steps each stage runs (of ``num_inference_steps``; a scheduler may add one,
+            PNDM).
+        views: per stage, ``{latent view shape (h, w): views per image per step}``.
+    """
+
+    sizes: list[tuple[int, int]]
+    steps: list[int]
+    views: list[dict[tuple[int, int], int]]
+
+    @property
+    def view_evaluations(self) -> int:
+        """Views the model evaluates per image over the whole call (each is one model row per
+        guidance branch)."""
+        return sum(steps * sum(views.values()) for steps, views in zip(self.steps, self.views,
+                                                                        strict=True))
 
 
 class Sampler:
@@ -45,6 +70,10 @@ class Sampler:
             (None: the pipeline's own).
         families: the pipeline families it supports (None: every registered adapter's).
         default_guidance_scale: ``guidance_scale`` when the call gives None (7.5).
+
+    Attributes a user may change on an instance:
+        max_view_evaluations: the most views per image a call may evaluate
+            (:meth:`view_plan`; default 10^6, about 11 hours of SDXL on an H100).
 
     Args:
         pipe: the diffusers pipeline.
@@ -62,6 +91,13 @@ class Sampler:
     default_scheduler: ClassVar[type | None] = None
     families: ClassVar[tuple[str, ...] | None] = ("sd", "sdxl")
     default_guidance_scale: float = 7.5
+    # At about 0.04 s per SDXL view on an H100 (DemoFusion at 4096^2: 5,650 views in 224 s), 10^6
+    # views are 11 hours per image: a size that needs more is refused before any work (16384^2 with
+    # SDXL, 16 stages, 50 steps: 3.5e5 views; 100000^2: 7.9e7).
+    max_view_evaluations: int = 10**6
+    # Aspect ratios beyond this warn (SD 1.5/SDXL are trained up to about 4:1; a progressive
+    # method's first stage then has a short side of under a quarter of the base size).
+    max_aspect_ratio: ClassVar[float] = 4.0
 
     def __init__(self, pipe: Any, *, view_batch_size: int | str = "auto", scheduler: Any = None,
                  executor: Executor | None = None) -> None:
@@ -80,6 +116,49 @@ class Sampler:
     def stage_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
         """The size in pixels of every stage for a ``height x width`` target (checks the size)."""
         raise NotImplementedError
+
+    def stage_steps(self, num_inference_steps: int, stages: int) -> list[int]:
+        """The steps each of ``stages`` stages runs (default: all ``num_inference_steps``)."""
+        return [num_inference_steps] * stages
+
+    def stage_views(self, latent_sizes: list[tuple[int, int]]) -> list[dict[tuple[int, int], int]]:
+        """Per stage, ``{latent view shape: views per image per step}``, counted in closed form
+        (default: the whole latent once; methods that cut views override it)."""
+        return [{size: 1} for size in latent_sizes]
+
+    def view_plan(self, height: int, width: int, num_inference_steps: int = 50) -> ViewPlan:
+        """The stages, steps and views a call at this size evaluates, counted before any work.
+
+        Warns (``UserWarning``) when the aspect ratio is beyond :attr:`max_aspect_ratio`, with the
+        stage count.
+
+        Raises:
+            TypeError / ValueError: a bad size or step count (as :meth:`sample`); a size whose
+                plan evaluates more than :attr:`max_view_evaluations` views per image (the message
+                gives the plan's numbers).
+        """
+        sizes = self.stage_sizes(height, width)
+        num_inference_steps = check_int(num_inference_steps, "num_inference_steps", minimum=1)
+        f = self.adapter.vae_scale_factor
+        plan = ViewPlan(sizes, self.stage_steps(num_inference_steps, len(sizes)),
+                        self.stage_views([(h // f, w // f) for h, w in sizes]))
+        label = f"{width}x{height} (W x H)"
+        ratio = max(height, width) / min(height, width)
+        if ratio > self.max_aspect_ratio:
+            # The first call comes from sample(), under torch.no_grad's wrapper: the user's line.
+            warnings.warn(f"{self.name}: {label} has an aspect ratio of {ratio:.3g}:1, beyond the "
+                          f"about {self.max_aspect_ratio:g}:1 the models are trained at; the call "
+                          f"runs {len(sizes)} stage(s), the first at {sizes[0][1]}x{sizes[0][0]}",
+                          UserWarning, stacklevel=5)
+        if plan.view_evaluations > self.max_view_evaluations:
+            raise ValueError(
+                f"{self.name}: {label} plans {len(sizes)} stage(s) and {plan.view_evaluations:,} "
+                f"view evaluations per image (num_inference_steps={num_inference_steps}; the last "
+                f"stage evaluates {sum(plan.views[-1].values()):,} views per step), more than the "
+                f"sampler's max_view_evaluations = {self.max_view_evaluations:,} (10^6 SDXL views "
+                "take about 11 hours on an H100): choose a smaller size or fewer steps, or raise "
+                "max_view_evaluations")
+        return plan
 
     def check_call(self, sizes: list[tuple[int, int]], num_inference_steps: int,
                    step_options: dict[str, Any], **method_options: Any) -> None:
@@ -181,11 +260,12 @@ class Sampler:
 
         Raises:
             TypeError / ValueError: bad sizes, steps, prompts, options or output type (the message
-                names the argument).
+                names the argument); a size beyond :attr:`max_view_evaluations`
+                (:meth:`view_plan`).
             NonFiniteLatentsError: NaN/inf appeared in the latents (names stage and step).
         """
-        sizes = self.stage_sizes(height, width)
         num_inference_steps = check_int(num_inference_steps, "num_inference_steps", minimum=1)
+        sizes = self.view_plan(height, width, num_inference_steps).sizes
         guidance = guidance_for(self.default_guidance_scale if guidance_scale is None
                                 else guidance_scale)
         check_choice(output_type, "output_type", OUTPUT_TYPES)
@@ -224,7 +304,7 @@ class Sampler:
         else:
             images = adapter.to_images(stages[-1].latents, output_type)
         return SamplerOutput(images=images, stages=stages, latents=stages[-1].latents,
-                             unet_calls=dict(run.engine.calls))
+                             unet_calls=dict(run.engine.calls), plan=list(run.plan))
 
 
 @contextlib.contextmanager

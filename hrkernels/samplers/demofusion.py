@@ -135,6 +135,11 @@ class DemoFusion(Sampler):
         """Index into the timestep list where a stage's loop starts (0: all steps)."""
         return 0
 
+    def stage_steps(self, num_inference_steps: int, stages: int) -> list[int]:
+        """The steps of each stage: from :meth:`start_index` on."""
+        return [num_inference_steps - self.start_index(stage, num_inference_steps)
+                for stage in range(1, stages + 1)]
+
     def prepare_stage_latent(self, z0: torch.Tensor, stage: int,
                              reference: torch.Tensor) -> torch.Tensor:
         """The clean start of stage ``stage`` from the previous stage's upsampled result ``z0``
@@ -188,19 +193,26 @@ class DemoFusion(Sampler):
         """The local window on a latent of ``size``: the base latent size, clamped per axis."""
         return min(self.window, size[0]), min(self.window, size[1])
 
+    def stage_views(self, latent_sizes: list[tuple[int, int]]) -> list[dict[tuple[int, int], int]]:
+        """Stage 1: the whole latent; stage ``s >= 2``: the local windows
+        (:func:`hrkernels.ops.window_count`) and the ``s x s`` dilated views."""
+        views = [{latent_sizes[0]: 1}]
+        for dilation, size in enumerate(latent_sizes[1:], start=2):
+            window = self.local_window(size)
+            per_shape = {window: ops.window_count(size[0], size[1], window, self.stride)}
+            dilated = (-(-size[0] // dilation), -(-size[1] // dilation))
+            per_shape[dilated] = per_shape.get(dilated, 0) + dilation * dilation
+            views.append(per_shape)
+        return views
+
     def view_counts(self, latent_sizes: list[tuple[int, int]],
                     batch: int) -> dict[tuple[int, int], list[int]]:
         """``{view shape: [view rows per step, one entry per (stage, shape)]}`` for stages >= 2
-        (stage ``s`` dilates by ``s``: ``s x s`` sub-lattices)."""
+        (:meth:`stage_views` times the batch)."""
         counts: dict[tuple[int, int], list[int]] = {}
-        for dilation, size in enumerate(latent_sizes[1:], start=2):
-            window = self.local_window(size)
-            local = ops.window_grid(size[0], size[1], window, self.stride).shape[0] * batch
-            dilated = (-(-size[0] // dilation), -(-size[1] // dilation))
-            per_shape = {window: local}
-            per_shape[dilated] = per_shape.get(dilated, 0) + dilation * dilation * batch
-            for shape, rows in per_shape.items():
-                counts.setdefault(shape, []).append(rows)
+        for per_shape in self.stage_views(latent_sizes)[1:]:
+            for shape, views in per_shape.items():
+                counts.setdefault(shape, []).append(views * batch)
         return counts
 
     def base_stage(self, run: Run, sizes: list[tuple[int, int]], size: tuple[int, int],

@@ -12,14 +12,19 @@ __all__ = ["NonFiniteLatentsError", "SamplerOutput", "StageResult"]
 
 class NonFiniteLatentsError(FloatingPointError):
     """NaN or inf appeared in the latents; ``stage`` (1-based) and ``step`` (0-based, within the
-    stage) name the first step whose result was not finite."""
+    stage) name the first step whose result was not finite. The hint blames half precision only
+    when the model runs in ``torch.float16`` (``dtype``)."""
 
-    def __init__(self, sampler: str, stage: int, step: int, timestep: Any) -> None:
+    def __init__(self, sampler: str, stage: int, step: int, timestep: Any,
+                 dtype: torch.dtype | None = None) -> None:
         self.stage, self.step, self.timestep = stage, step, timestep
+        causes = ("a callback that returned NaN/inf, a scheduler/model mismatch, or non-finite "
+                  "weights")
+        if dtype == torch.float16:
+            causes = "the fp16 UNet overflowing (try torch.float32 or bfloat16), " + causes
         super().__init__(
             f"{sampler}: NaN or inf in the latents at stage {stage}, step {step} (timestep "
-            f"{timestep}). Common causes: an fp16 VAE/UNet overflowing (try torch.float32 or "
-            "bfloat16), or a scheduler/model mismatch."
+            f"{timestep}). Common causes: {causes}."
         )
 
 
@@ -55,9 +60,12 @@ class SamplerOutput:
         latents: the final latents ``[B, C, H/f, W/f]`` float32.
         unet_calls: how many model calls of which input shape the run made, as
             ``{(batch_rows, latent_h, latent_w): count}`` (the "UNet floor" of the benchmarks).
+        plan: what the sampler stated before any model work, one line per stage (methods that
+            state it; also logged at INFO on the ``hrkernels`` logger).
     """
 
     images: Any
     stages: list[StageResult]
     latents: torch.Tensor
     unet_calls: dict[tuple[int, int, int], int] = field(default_factory=dict)
+    plan: list[str] = field(default_factory=list)

@@ -27,7 +27,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from hrkernels import vae as vae_io
-from hrkernels._validate import check_int
+from hrkernels._validate import check_int, describe
 
 __all__ = [
     "ADAPTERS",
@@ -152,6 +152,12 @@ class PipelineAdapter:
         return int(self.model.config.in_channels)
 
     @property
+    def text_width(self) -> int | None:
+        """``D`` of the text embeddings the model takes (``cross_attention_dim``; None when the
+        config does not say one)."""
+        return _config_width(self.model.config.cross_attention_dim)
+
+    @property
     def model_channels(self) -> int:
         """Channels of the model's first level (the activation-memory estimate of
         ``view_batch_size="auto"``)."""
@@ -197,11 +203,87 @@ class PipelineAdapter:
                                                      output_type=output_type)
 
 
-def _check_prompt_source(sampler: str, prompt: Any, prompt_embeds: Any,
-                         num_images_per_prompt: Any) -> None:
-    if (prompt is None) == (prompt_embeds is None):
+def _text_batch(value: Any, name: str) -> int | None:
+    """The batch of a text prompt argument (None, a string or a non-empty list of strings)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return 1
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise TypeError(f"{name} must be a string or a list of strings; got {describe(value)}")
+    if not value:
+        raise ValueError(f"{name} must be a string or a non-empty list of strings; got []")
+    return len(value)
+
+
+def _embeds_batch(value: Any, name: str, dims: tuple[str, ...], width: int | None) -> int | None:
+    """The batch of an embeddings argument: None, or a tensor of the named ``dims`` whose last is
+    ``width`` (None: not checked)."""
+    if value is None:
+        return None
+    shape = f"[{', '.join(dims)}]"
+    if width is not None:
+        shape += f" with {dims[-1]} = {width} (this model's)"
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor {shape}; got {describe(value)}")
+    if value.dim() != len(dims) or (width is not None and value.shape[-1] != width):
+        raise ValueError(f"{name} must be a tensor {shape}; got shape {list(value.shape)}")
+    return value.shape[0]
+
+
+def _same_batch(batches: dict[str, int | None], sampler: str) -> None:
+    given = {name: batch for name, batch in batches.items() if batch is not None}
+    if len(set(given.values())) > 1:
+        listed = ", ".join(f"{name} {batch}" for name, batch in given.items())
+        raise ValueError(f"{sampler}: the prompt arguments must have one batch size; got {listed}")
+
+
+def check_prompt_arguments(sampler: str, prompts: dict[str, Any], num_images_per_prompt: Any,
+                           text_width: int | None, pooled_width: int | None = None) -> None:
+    """The call's prompt arguments, before any model work (encoding included).
+
+    Texts are None, a string or a non-empty list of strings; ``prompt_embeds`` and
+    ``negative_prompt_embeds`` are ``[B, L, D]`` tensors with ``D = text_width`` (the model's
+    ``cross_attention_dim``) and, both given, the same shape; the pooled ones (SDXL,
+    ``pooled_width`` given) ``[B, P]``; every argument given has the same batch ``B``.
+
+    Raises:
+        TypeError: an argument of the wrong type.
+        ValueError: neither or both of ``prompt`` and ``prompt_embeds``, an empty prompt list,
+            embeddings of the wrong rank or width, batches or shapes that disagree, SDXL
+            embeddings without their pooled ones.
+    """
+    texts = ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2")
+    batches = {name: _text_batch(prompts.get(name), name) for name in texts}
+    for name in ("prompt_embeds", "negative_prompt_embeds"):
+        batches[name] = _embeds_batch(prompts.get(name), name, ("B", "L", "D"), text_width)
+    if pooled_width is not None:
+        for name in ("pooled_prompt_embeds", "negative_pooled_prompt_embeds"):
+            batches[name] = _embeds_batch(prompts.get(name), name, ("B", "P"), pooled_width)
+    if (prompts.get("prompt") is None) == (prompts.get("prompt_embeds") is None):
         raise ValueError(f"{sampler}: pass exactly one of prompt and prompt_embeds")
+    _same_batch(batches, sampler)
+    embeds, negative = prompts.get("prompt_embeds"), prompts.get("negative_prompt_embeds")
+    if embeds is not None and negative is not None and embeds.shape != negative.shape:
+        raise ValueError(f"{sampler}: negative_prompt_embeds must have prompt_embeds' shape "
+                         f"{list(embeds.shape)} (the same sequence length); got "
+                         f"{list(negative.shape)}")
+    if pooled_width is not None:
+        for embeds_name, pooled_name in (("prompt_embeds", "pooled_prompt_embeds"),
+                                         ("negative_prompt_embeds",
+                                          "negative_pooled_prompt_embeds")):
+            if prompts.get(embeds_name) is not None and prompts.get(pooled_name) is None:
+                raise ValueError(f"{sampler}: SDXL needs {pooled_name} with {embeds_name}")
     check_int(num_images_per_prompt, "num_images_per_prompt", minimum=1)
+
+
+def _config_width(value: Any) -> int | None:
+    """A width from a UNet config entry (an int, or a per-block list of one value)."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, (list, tuple)) and len(set(value)) == 1:
+        return int(value[0])
+    return None
 
 
 class StableDiffusionAdapter(PipelineAdapter):
@@ -221,8 +303,7 @@ class StableDiffusionAdapter(PipelineAdapter):
             raise ValueError(f"{sampler}: {', '.join(given)} only apply to SDXL pipelines; "
                              f"{type(pipe).__name__} takes prompt/negative_prompt (or their "
                              "embeds)")
-        _check_prompt_source(sampler, prompts.get("prompt"), prompts.get("prompt_embeds"),
-                             num_images_per_prompt)
+        check_prompt_arguments(sampler, prompts, num_images_per_prompt, self.text_width)
         negative_embeds = prompts.get("negative_prompt_embeds")
         if guided and pipe.text_encoder is None and negative_embeds is None:
             raise ValueError(f"{sampler}: this pipeline has no text encoder; with guidance_scale "
@@ -262,18 +343,24 @@ class SDXLAdapter(PipelineAdapter):
     family = "sdxl"
     pipeline_classes = (StableDiffusionXLPipeline,)
     uses_crops = True
+    # time_ids per row: original size, crop, target size.
+    TIME_IDS = 6
+
+    @property
+    def pooled_width(self) -> int | None:
+        """``P`` of the pooled text embeddings: the UNet's added-embedding input minus the
+        time ids' embeddings."""
+        config = self.model.config
+        total, per_id = (config.get("projection_class_embeddings_input_dim"),
+                         config.get("addition_time_embed_dim"))
+        if not isinstance(total, int) or not isinstance(per_id, int):
+            return None
+        return total - self.TIME_IDS * per_id
 
     def encode_prompts(self, *, guided: bool, size: tuple[int, int],
                        num_images_per_prompt: int, **prompts: Any) -> Conditioning:
-        sampler = self.sampler
-        _check_prompt_source(sampler, prompts.get("prompt"), prompts.get("prompt_embeds"),
-                             num_images_per_prompt)
-        if prompts.get("prompt_embeds") is not None and prompts.get("pooled_prompt_embeds") is None:
-            raise ValueError(f"{sampler}: SDXL needs pooled_prompt_embeds with prompt_embeds")
-        if (guided and prompts.get("negative_prompt_embeds") is not None
-                and prompts.get("negative_pooled_prompt_embeds") is None):
-            raise ValueError(f"{sampler}: SDXL needs negative_pooled_prompt_embeds with "
-                             "negative_prompt_embeds")
+        check_prompt_arguments(self.sampler, prompts, num_images_per_prompt, self.text_width,
+                               self.pooled_width)
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
             device=self.device, num_images_per_prompt=num_images_per_prompt,
             do_classifier_free_guidance=guided, **prompts)

@@ -47,7 +47,7 @@ from hrkernels.samplers.stages import (
     run_stage,
     stage_schedule,
 )
-from hrkernels.schedules import stage_sizes
+from hrkernels.schedules import stage_count
 
 __all__ = ["ScaleCrafter"]
 
@@ -102,8 +102,8 @@ class ScaleCrafter(Sampler):
 
     def stage_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
         """One stage at the target size (checked as every sampler's)."""
-        return stage_sizes(height, width, self.adapter.base_size,
-                           self.adapter.vae_scale_factor)[-1:]
+        stage_count(height, width, self.adapter.base_size, self.adapter.vae_scale_factor)
+        return [(height, width)]
 
     def plan_for(self, height: int, width: int, num_inference_steps: int) -> ScaleCrafterPlan:
         """The plan a call at this size and step count runs."""

@@ -30,6 +30,7 @@ from diffusers.utils import logging as diffusers_logging
 
 __all__ = [
     "SCHEDULERS",
+    "check_scheduler_kind",
     "check_step_options",
     "fresh_scheduler",
     "keeps_sample",
@@ -47,6 +48,10 @@ SCHEDULERS: dict[str, type] = {
     "unipc": UniPCMultistepScheduler,
     "pndm": PNDMScheduler,
 }
+
+# What the samplers call on a scheduler (the noise-prediction schedulers of the UNet pipelines have
+# them all; flow-matching ones, e.g. FlowMatchEulerDiscreteScheduler, have no add_noise).
+_SCHEDULER_METHODS = ("set_timesteps", "scale_model_input", "step", "add_noise")
 
 # ``scheduler.step`` arguments that are not options: the sampler passes them itself.
 _STEP_ARGUMENTS = frozenset({"self", "model_output", "timestep", "sample", "return_dict",
@@ -247,6 +252,23 @@ def requested_scheduler(value: Any, sampler: str) -> tuple[type | None, Any | No
                     f"scheduler; got {value!r}")
 
 
+def check_scheduler_kind(cls: type, config: Mapping[str, Any], *, needs_sample: bool,
+                         sampler: str, source: str) -> None:
+    """``cls`` has what the samplers call (:data:`_SCHEDULER_METHODS`).
+
+    Raises:
+        TypeError: it does not (e.g. a flow-matching scheduler on a UNet pipeline); the message
+            names ``source`` (where it came from) and the schedulers of :data:`SCHEDULERS` the
+            sampler can use (with ``needs_sample``, those that keep the sample with ``config``).
+    """
+    missing = [name for name in _SCHEDULER_METHODS if not callable(getattr(cls, name, None))]
+    if missing:
+        supported = [scheduler.__name__ for scheduler in SCHEDULERS.values()
+                     if not needs_sample or keeps_sample(scheduler, config)]
+        raise TypeError(f"{sampler}: {source} {cls.__name__} is not a noise-prediction scheduler "
+                        f"(it has no {', '.join(missing)}); use one of {', '.join(supported)}")
+
+
 def sampling_scheduler_class(template: Any, requested: type | None, *, needs_sample: bool,
                              sampler: str, default: type | None = None) -> tuple[type, str | None]:
     """The scheduler class a sampler steps with, and why it is not the one the pipeline has
@@ -260,9 +282,12 @@ def sampling_scheduler_class(template: Any, requested: type | None, *, needs_sam
     to give.
 
     Raises:
+        TypeError: the scheduler is not one the samplers can step (:func:`check_scheduler_kind`).
         ValueError: ``needs_sample`` and the requested scheduler drops the sample.
     """
     cls = requested or default or type(template)
+    check_scheduler_kind(cls, template.config, needs_sample=needs_sample, sampler=sampler,
+                         source="scheduler" if requested else "the pipeline's scheduler")
     if not needs_sample or keeps_sample(cls, template.config):
         return cls, None
     if requested is not None:

@@ -211,7 +211,9 @@ class SkipResidual:
 
 @dataclass
 class Run:
-    """Per-call state shared by the stages of one sampler call."""
+    """Per-call state shared by the stages of one sampler call (``options``: the method's call
+    options; ``plan``: what the method states it will do, one line per stage, before any model
+    work)."""
 
     sampler: str
     adapter: PipelineAdapter
@@ -224,6 +226,7 @@ class Run:
     progress: bool
     num_stages: int
     options: dict[str, Any] = field(default_factory=dict)
+    plan: list[str] = field(default_factory=list)
 
     @property
     def device(self) -> torch.device:
@@ -262,8 +265,10 @@ StepFunction = Callable[[StepState, torch.Tensor], torch.Tensor]
 class FiniteWatch:
     """Per-step NaN/inf flags kept on the device; checked once per stage (one host sync)."""
 
-    def __init__(self, sampler: str, stage: int, timesteps: Sequence[Any], device: torch.device):
+    def __init__(self, sampler: str, stage: int, timesteps: Sequence[Any], device: torch.device,
+                 dtype: torch.dtype | None = None):
         self.sampler, self.stage, self.timesteps = sampler, stage, list(timesteps)
+        self.dtype = dtype  # the model's (for the error's hint)
         self.flags = torch.zeros(len(self.timesteps), dtype=torch.bool, device=device)
 
     def record(self, step: int, latents: torch.Tensor) -> None:
@@ -272,7 +277,8 @@ class FiniteWatch:
     def check(self) -> None:
         if bool(self.flags.any()):
             step = int(self.flags.nonzero()[0, 0])
-            raise NonFiniteLatentsError(self.sampler, self.stage, step, self.timesteps[step])
+            raise NonFiniteLatentsError(self.sampler, self.stage, step, self.timesteps[step],
+                                        self.dtype)
 
 
 def run_callback(callback: StepCallback | None, stage: int, step: int, timestep: Any,
@@ -326,8 +332,8 @@ def run_stage(run: Run, stage: int, size: tuple[int, int], schedule: StageSchedu
 
     Per step ``i`` of ``schedule``: :func:`hrkernels.set_step` on the model when it is patched
     (with the global step index and the device timestep), ``sample = skip(z)`` with a skip
-    residual (else ``z``), ``z = step_function(state, sample)``, the NaN/inf flag (checked once,
-    after the stage), ``callback_on_step_end`` (may replace ``z``) and the progress bar.
+    residual (else ``z``), ``z = step_function(state, sample)``, ``callback_on_step_end`` (may
+    replace ``z``), the NaN/inf flag of ``z`` (checked once, after the stage) and the progress bar.
 
     Args:
         run: the call's shared state.
@@ -343,9 +349,12 @@ def run_stage(run: Run, stage: int, size: tuple[int, int], schedule: StageSchedu
     model = run.adapter.model
     patched = is_patched(model)
     values = schedule.values
-    watch = FiniteWatch(run.sampler, stage, values, run.device)
+    watch = FiniteWatch(run.sampler, stage, values, run.device, run.adapter.dtype)
     f = run.adapter.vae_scale_factor
-    label = f"{run.sampler} stage {stage}/{run.num_stages} ({size[0] * f}x{size[1] * f})"
+    # Sizes are W x H everywhere a user reads them (as image tools write them); the bar counts the
+    # scheduler steps the stage runs (PNDM runs one more than num_inference_steps; a stage that
+    # starts late, APT's shortcut, fewer).
+    label = f"{run.sampler} stage {stage}/{run.num_stages} ({size[1] * f}x{size[0] * f})"
     bar = progress_bar(len(schedule), label, run.progress)
     try:
         for step, index in enumerate(schedule.indices):
@@ -355,8 +364,8 @@ def run_stage(run: Run, stage: int, size: tuple[int, int], schedule: StageSchedu
                 set_step(model, index, state.model_timestep)
             sample = skip(schedule, step, z) if skip is not None else z
             z = step_function(state, sample)
-            watch.record(step, z)
             z = run_callback(run.callback, stage, step, values[step], z)
+            watch.record(step, z)  # after the callback: latents it returns are watched too
             bar.update()
     finally:
         bar.close()

@@ -27,9 +27,10 @@ def test_generate_tiny_sdxl_with_previews(tmp_path, capsys):
                    "--device", "cpu", "--dtype", "fp32"])
     assert status == 0
     assert Image.open(out).size == (192, 256)
-    assert sorted(p.name for p in previews.iterdir()) == ["stage_1_128x96.png",
-                                                         "stage_2_256x192.png"]
-    assert Image.open(previews / "stage_1_128x96.png").size == (96, 128)
+    # W x H, as the image's size and the progress bars.
+    assert sorted(p.name for p in previews.iterdir()) == ["stage_1_96x128.png",
+                                                         "stage_2_192x256.png"]
+    assert Image.open(previews / "stage_1_96x128.png").size == (96, 128)
     assert "wrote" in capsys.readouterr().out
 
 
@@ -54,17 +55,13 @@ def test_generate_reports_bad_sizes_and_options(tmp_path, capsys):
         parse(["--model", "tiny-sd15", "--method", "nope", "--prompt", "a", "--out", "x.png"])
     assert {"demofusion", "apt"} <= set(SAMPLERS)
     capsys.readouterr()
-    # A scheduler asked for by name is explicit: one that would drop DemoFusion's skip residual is
-    # refused; APT samples with DDIM and takes none.
-    args = parse(["--model", "tiny-sd15", "--method", "demofusion", "--prompt", "a cat",
-                  "--steps", "1", "--scheduler", "unipc", "--out", str(tmp_path / "x.png")])
-    assert run(args) == 2
-    assert "UniPCMultistepScheduler.step ignores" in capsys.readouterr().err
-    args = parse(["--model", "tiny-sd15", "--method", "apt", "--prompt", "a cat",
-                  "--steps", "1", "--scheduler", "euler", "--out", str(tmp_path / "x.png")])
-    assert run(args) == 2
-    assert "--scheduler: apt samples with its own scheduler (DDIMScheduler)" in \
-        capsys.readouterr().err
+    # A scheduler asked for by name is explicit: one that would drop the skip residual is
+    # refused, by APT too (which samples with DDIM unless told otherwise).
+    for method in ("demofusion", "apt"):
+        args = parse(["--model", "tiny-sd15", "--method", method, "--prompt", "a cat",
+                      "--steps", "1", "--scheduler", "unipc", "--out", str(tmp_path / "x.png")])
+        assert run(args) == 2
+        assert "UniPCMultistepScheduler.step ignores" in capsys.readouterr().err
 
 
 def test_generate_scalecrafter_with_eta_and_without_noise_damping(tmp_path, capsys):
@@ -77,4 +74,18 @@ def test_generate_scalecrafter_with_eta_and_without_noise_damping(tmp_path, caps
     args = parse(["--model", "tiny-sd15", "--method", "demofusion", "--prompt", "a cat",
                   "--steps", "1", "--no-noise-damped", "--out", str(out)])
     assert run(args) == 2
-    assert "--no-noise-damped: demofusion has no noise-damped guidance" in capsys.readouterr().err
+    assert "--no-noise-damped: demofusion takes no noise_damped" in capsys.readouterr().err
+
+
+def test_generate_freescale_from_an_image(tmp_path, capsys):
+    source, out = tmp_path / "small.png", tmp_path / "fs.png"
+    Image.new("RGB", (40, 30), (200, 30, 90)).save(source)
+    args = parse(["--model", "tiny-sdxl", "--method", "freescale", "--prompt", "a cat",
+                  "--steps", "2", "--fast-mode", "--alpha", "1.5", "--image", str(source),
+                  "--out", str(out)])
+    assert run(args) == 0
+    assert Image.open(out).size == (256, 256)
+    args = parse(["--model", "tiny-sdxl", "--method", "apt", "--prompt", "a cat", "--steps", "1",
+                  "--image", str(source), "--out", str(out)])
+    assert run(args) == 2
+    assert "--image: apt takes no input image" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from hrkernels.ops._backend import (
     fake_like_first_input,
     interpreter_enabled,
 )
-from hrkernels.ops._checks import check_feature_map, output_memory_format
+from hrkernels.ops._checks import check_feature_map, check_tensor_values, output_memory_format
 from hrkernels.ops._launch import (
     channels_contiguous,
     image_offsets_fit_int32,
@@ -34,6 +34,10 @@ from hrkernels.ops.blur import reference
 # Kernel sizes the Triton kernel is compiled for (K is a constexpr: its K sub-steps and K taps are
 # unrolled). Larger kernels run the PyTorch reference on every backend.
 MAX_TRITON_KERNEL_SIZE = 15
+# The largest kernel: tap offsets are fp32 integers (exact up to 2**24) in the kernels and the
+# reference. Taps beyond a map's extent only read zero padding: the reference drops them, so a
+# large kernel on a small map costs what the map needs (``reference.blur_fp32``).
+MAX_KERNEL_SIZE = 2**24 + 1
 
 Sigma = float | torch.Tensor
 
@@ -53,6 +57,7 @@ def _check_sigma(sigma: Sigma, device: torch.device) -> tuple[float, torch.Tenso
             raise TypeError(f"sigma must be a floating-point tensor; got {sigma.dtype}")
         if sigma.device != device:
             raise ValueError(f"sigma is on {sigma.device} but the feature map is on {device}")
+        check_tensor_values(sigma, "sigma", greater_than=0)
         return 1.0, sigma
     if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
         raise TypeError(f"sigma must be a float or a 0-d tensor; got {type(sigma).__name__}")
@@ -68,11 +73,16 @@ def _check_kernel_size(kernel_size: int | None, sigma_value: float,
         if sigma_tensor is not None:
             raise ValueError("kernel_size is required when sigma is a tensor (its default "
                              "2 * ceil(3 * sigma) + 1 would read sigma on the host)")
+        if 6 * sigma_value + 1 > MAX_KERNEL_SIZE:
+            raise ValueError(f"sigma must be <= {(MAX_KERNEL_SIZE - 3) // 6} for the default "
+                             f"kernel_size 2 * ceil(3 * sigma) + 1 (at most {MAX_KERNEL_SIZE} "
+                             f"taps); got {sigma_value!r}")
         return default_kernel_size(sigma_value)
     if isinstance(kernel_size, bool) or not isinstance(kernel_size, numbers.Integral):
         raise TypeError(f"kernel_size must be an odd int >= 1 or None; got {kernel_size!r}")
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be odd and >= 1; got {kernel_size}")
+    if kernel_size < 1 or kernel_size % 2 == 0 or kernel_size > MAX_KERNEL_SIZE:
+        raise ValueError(f"kernel_size must be odd, >= 1 and <= {MAX_KERNEL_SIZE} (tap offsets "
+                         f"are exact fp32 integers); got {kernel_size}")
     return int(kernel_size)
 
 
@@ -365,18 +375,23 @@ def gaussian_blur2d(x: torch.Tensor, sigma: Sigma, kernel_size: int | None = Non
             passed as ``x.permute(0, 3, 1, 2)`` is read in place).
         sigma: standard deviation, a finite float ``> 0`` or a 0-d float tensor on ``x``'s device.
             A tensor is read on the device (no host sync; under ``torch.compile`` it also avoids a
-            recompile per value). A tensor's value is not checked: it must be ``> 0``.
-        kernel_size: odd ``k >= 1``; default ``2 * ceil(3 * sigma) + 1``, which needs sigma's value,
-            so it is required when ``sigma`` is a tensor. Sizes above 15 run the PyTorch reference.
+            recompile per value). A CPU tensor's value is checked (``> 0``: 0 would give NaN); on a
+            GPU it is not (reading it would synchronise the device), and must be ``> 0``.
+        kernel_size: odd ``1 <= k <= 2**24 + 1``; default ``2 * ceil(3 * sigma) + 1``, which needs
+            sigma's value, so it is required when ``sigma`` is a tensor. Sizes above 15 run the
+            PyTorch reference, which drops the taps farther than ``max(H, W) - 1`` from the centre
+            (they only read zero padding; the weights keep the full kernel's normalisation, so the
+            output is the same and a huge ``sigma`` on a small map costs what the map needs).
 
     Returns:
         ``[B, C, H, W]`` with ``x``'s dtype; channels-last when ``x`` is.
 
     Raises:
         TypeError: ``x`` not a float tensor; ``sigma`` or ``kernel_size`` of the wrong type.
-        ValueError: ``x`` not 4-D or empty; ``sigma <= 0`` or not finite; ``sigma`` a tensor that is
-            not 0-d or on another device; ``kernel_size`` even or ``< 1``; ``kernel_size`` None
-            with a tensor ``sigma``.
+        ValueError: ``x`` not 4-D or empty; ``sigma <= 0`` (a CPU tensor's too) or not finite;
+            ``sigma`` a tensor that is not 0-d or on another device; ``kernel_size`` even, ``< 1``
+            or above ``2**24 + 1`` (also as the default of a float ``sigma``); ``kernel_size``
+            None with a tensor ``sigma``.
 
     Example::
 

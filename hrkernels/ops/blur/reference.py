@@ -34,9 +34,18 @@ def gaussian_kernel1d(
 
 
 def blur_fp32(x: torch.Tensor, weights: torch.Tensor, feature_blur: bool = False) -> torch.Tensor:
-    """``G(x)`` for an fp32 ``[B, C, H, W]`` map: the 1-D ``weights`` along W and H (and C)."""
+    """``G(x)`` for an fp32 ``[B, C, H, W]`` map: the 1-D ``weights`` along W and H (and C).
+
+    Taps farther than ``max(H, W) - 1`` (and ``C - 1`` with ``feature_blur``) from the centre only
+    ever read zero padding: they are dropped (``weights`` keep their normalisation, so the output is
+    the same), and a kernel much larger than the map costs what the map needs.
+    """
     channels = x.shape[1]
     size = weights.numel()
+    reach = max(x.shape[2], x.shape[3], channels if feature_blur else 1) - 1
+    if size // 2 > reach:
+        weights = weights[size // 2 - reach: size // 2 + reach + 1]
+        size = weights.numel()
     pad = size // 2
     along_w = weights.view(1, 1, 1, size).expand(channels, 1, 1, size).contiguous()
     along_h = weights.view(1, 1, size, 1).expand(channels, 1, size, 1).contiguous()

@@ -20,7 +20,12 @@ from hrkernels.ops._backend import (
     fake_like_first_input,
     interpreter_enabled,
 )
-from hrkernels.ops._checks import as_pair, check_feature_map, output_memory_format
+from hrkernels.ops._checks import (
+    as_pair,
+    check_feature_map,
+    check_tensor_values,
+    output_memory_format,
+)
 from hrkernels.ops._launch import (
     channels_contiguous,
     image_offsets_fit_int32,
@@ -53,7 +58,10 @@ def _check_target(value: Target, name: str, x: torch.Tensor,
     """``(value, None)`` for a number; ``(0.0, view)`` for a tensor, broadcast (without a copy) to
     ``[B]`` or ``[B, C]`` and left on the device."""
     if isinstance(value, torch.Tensor):
-        return 0.0, _target_view(value, name, x, per_channel)
+        view = _target_view(value, name, x, per_channel)
+        if name == "std":
+            check_tensor_values(value, name, minimum=0)
+        return 0.0, view
     if type(value) not in (float, int) and (isinstance(value, bool)
                                             or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a float or a tensor; got {type(value).__name__}")
@@ -286,7 +294,9 @@ def match_stats(
         x: ``[B, C, H, W]`` fp32/fp16/bf16, any strides; ``H % sh == 0`` and ``W % sw == 0``.
         mean, std: targets; finite floats (``std >= 0``), or float tensors on ``x``'s device
             broadcastable to ``[B]`` (``[B, C]`` when ``per_channel``; a per-image target is then
-            ``[B, 1]``). Tensors are read on the device and not checked.
+            ``[B, 1]``). Tensors are read on the device; a CPU ``std`` tensor is checked
+            (``>= 0``), a GPU one is not (reading it would synchronise the device); NaN targets
+            give NaN, as NaN in ``x`` does.
         factor: int or ``(sh, sw)``, each ``>= 1``.
         per_channel: statistics per channel instead of over all channels.
 
@@ -297,8 +307,8 @@ def match_stats(
         TypeError: ``x`` not a float tensor; ``mean``/``std`` not a number or float tensor;
             ``factor`` not int(s); ``per_channel`` not a bool.
         ValueError: ``x`` not 4-D or empty; ``H``/``W`` not divisible by the factor; a non-finite
-            float target or ``std < 0``; a target tensor on another device or of a shape that does
-            not broadcast.
+            float target, or ``std < 0`` (a float, or a CPU tensor's value); a target tensor on
+            another device or of a shape that does not broadcast.
 
     Example::
 

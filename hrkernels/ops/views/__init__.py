@@ -5,6 +5,7 @@ from hrkernels.ops.views.op import (
     gather_windows,
     scatter_dilated,
     scatter_windows_mean,
+    window_count,
     window_grid,
 )
 
@@ -13,5 +14,6 @@ __all__ = [
     "gather_windows",
     "scatter_dilated",
     "scatter_windows_mean",
+    "window_count",
     "window_grid",
 ]

@@ -36,11 +36,29 @@ def _is_channels_last(tensor: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
+def _axis_count(length: int, window: int, stride: int) -> int:
+    return 1 if length <= window else -(-(length - window) // stride) + 1
+
+
 def _axis_starts(length: int, window: int, stride: int) -> list[int]:
     if length <= window:
         return [0]
-    count = -(-(length - window) // stride) + 1
-    return [min(k * stride, length - window) for k in range(count)]
+    return [min(k * stride, length - window) for k in range(_axis_count(length, window, stride))]
+
+
+def window_count(height: int, width: int, window: IntPair, stride: IntPair) -> int:
+    """How many windows :func:`window_grid` lists for these arguments, in closed form (nothing is
+    enumerated: a view plan of any size is counted at once).
+
+    Example::
+
+        >>> window_count(256, 256, 128, 64)
+        9
+    """
+    height, width = as_pair((height, width), "(height, width)")
+    window_h, window_w = as_pair(window, "window")
+    stride_h, stride_w = as_pair(stride, "stride")
+    return _axis_count(height, window_h, stride_h) * _axis_count(width, window_w, stride_w)
 
 
 def window_grid(
