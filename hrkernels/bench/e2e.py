@@ -171,12 +171,27 @@ CASES: dict[str, dict[str, Any]] = {
                                 "compile": "default"},
     "demofusion-2048-cudagraphs": {"method": "demofusion", "size": 2048, "view_batch_size": 16,
                                    "compile": "reduce-overhead"},
+    "apt-2048-compile": {"method": "apt", "size": 2048, "view_batch_size": 16,
+                         "compile": "default"},
+    "scalecrafter-2048": {"method": "scalecrafter", "size": 2048, "view_batch_size": "auto"},
+    "scalecrafter-2048-compile": {"method": "scalecrafter", "size": 2048,
+                                  "view_batch_size": "auto", "compile": "default"},
+    "freescale-2048": {"method": "freescale", "size": 2048, "view_batch_size": "auto"},
+    "freescale-2048-compile": {"method": "freescale", "size": 2048, "view_batch_size": "auto",
+                               "compile": "default"},
+    "freescale-4096": {"method": "freescale", "size": 4096, "view_batch_size": "auto"},
+    "freescale-8192": {"method": "freescale", "size": 8192, "view_batch_size": "auto"},
 }
 DEFAULT_CASES = ("demofusion-2048", "demofusion-2048-auto", "apt-2048")
-# The diffusers community DemoFusion pipeline on the same kind of machine (issue 5).
+# The diffusers community DemoFusion pipeline on the same kind of machine (issue 5), and the
+# authors' ScaleCrafter and FreeScale code.
 ANCHORS = {
     ("demofusion", 2048): {"seconds": 48.0, "peak_gib": 12.5, "unet_floor_s": 30.3},
     ("demofusion", 4096): {"seconds": 362.0, "peak_gib": 13.0, "unet_floor_s": 218.0},
+    # The authors' code on the same kind of machine, SDXL topology, random weights (issue 18).
+    ("scalecrafter", 2048): {"seconds": 16.9, "peak_gib": 10.1},
+    ("freescale", 2048): {"seconds": 24.7, "peak_gib": 10.1},
+    ("freescale", 4096): {"seconds": 196.1, "peak_gib": 12.1},
 }
 
 

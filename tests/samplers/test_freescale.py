@@ -175,3 +175,21 @@ def test_bad_input(sdxl):
     with pytest.raises(TypeError, match="StableDiffusionPipeline"):
         FreeScale(object())
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fast_mode", [False, True])
+def test_on_cuda_fp16_against_fp32(fast_mode):
+    # The Triton view, blur and fusion kernels inside Scale Fusion, the re-dilated convolutions and
+    # the exact tiled VAE relay on the GPU: fp16 follows the fp32 run, and repeats bitwise.
+    runs = {}
+    for dtype in (torch.float32, torch.float16):
+        pipe = tiny_pipeline("sdxl", device="cuda", dtype=dtype)
+        sampler = FreeScale(pipe, fast_mode=fast_mode)
+        runs[dtype] = [sampler(prompt="a cat", height=384, width=256, num_inference_steps=4,
+                               generator=torch.Generator("cuda").manual_seed(0), progress=False,
+                               output_type="latent").latents.float() for _ in range(2)]
+    assert torch.equal(*runs[torch.float16])
+    reference = runs[torch.float32][0]
+    error = (runs[torch.float16][0] - reference).norm() / reference.norm()
+    assert error < 2e-2, error
