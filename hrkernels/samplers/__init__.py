@@ -6,12 +6,15 @@
 * :class:`FreeScale` -- self-cascade in RGB, restrained dilation, Scale Fusion attention.
 * :class:`ScaleCrafter` -- direct inference with a re-dilated UNet (presets from
   :mod:`hrkernels.presets`) and noise-damped guidance.
+* :class:`MegaFusion` -- truncate-and-relay over one shared timestep sequence (SD 1.x/2.x, SDXL,
+  DeepFloyd IF stage I and II, SD3); MegaFusion++ with ``mega_plus=True``.
 
 The framework they stand on (each module imports only the ones above it):
 
 * :mod:`~hrkernels.samplers.outputs` -- :class:`SamplerOutput`, :class:`StageResult`,
   :class:`NonFiniteLatentsError`.
-* :mod:`~hrkernels.samplers.pipelines` -- one adapter per model family (SD 1.5/2.x, SDXL): prompt
+* :mod:`~hrkernels.samplers.pipelines` -- one adapter per model family (SD 1.5/2.x, SDXL, IF stage
+  I and II, SD3): prompt
   encoding, the model call and its extra inputs, latents -> images.
 * :mod:`~hrkernels.samplers.schedulers` -- fresh schedulers per stage, noising coefficients by step,
   step options, which schedulers keep a skip residual.
@@ -43,6 +46,7 @@ from hrkernels.samplers.apt import APT
 from hrkernels.samplers.base import Sampler
 from hrkernels.samplers.demofusion import DemoFusion
 from hrkernels.samplers.freescale import FreeScale
+from hrkernels.samplers.megafusion import MegaFusion
 from hrkernels.samplers.outputs import NonFiniteLatentsError, SamplerOutput, StageResult
 from hrkernels.samplers.scalecrafter import ScaleCrafter
 
@@ -70,12 +74,14 @@ register_sampler("demofusion", DemoFusion)
 register_sampler("apt", APT)
 register_sampler("scalecrafter", ScaleCrafter)
 register_sampler("freescale", FreeScale)
+register_sampler("megafusion", MegaFusion)
 
 __all__ = [
     "APT",
     "SAMPLERS",
     "DemoFusion",
     "FreeScale",
+    "MegaFusion",
     "NonFiniteLatentsError",
     "Sampler",
     "SamplerOutput",

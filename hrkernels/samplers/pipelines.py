@@ -152,6 +152,12 @@ class PipelineAdapter:
         return int(getattr(self.pipe, "vae_scale_factor", vae_io.scale_factor(self.pipe.vae)))
 
     @property
+    def size_multiple(self) -> int:
+        """Pixels an image side must be a multiple of for the model (``f``; SD3: ``f`` times the
+        transformer's patch size)."""
+        return self.vae_scale_factor
+
+    @property
     def base_latent_size(self) -> int:
         """The model's native latent size (``unet.config.sample_size``): 128 for SDXL, 64 for
         SD 1.5."""
@@ -586,6 +592,10 @@ class SD3Adapter(PipelineAdapter):
     @property
     def pooled_width(self) -> int:
         return int(self.model.config.pooled_projection_dim)
+
+    @property
+    def size_multiple(self) -> int:
+        return self.vae_scale_factor * int(self.model.config.patch_size)
 
     @property
     def model_channels(self) -> int:

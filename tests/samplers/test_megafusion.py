@@ -1,0 +1,274 @@
+"""MegaFusion end to end on the tiny SD 1.5, SDXL, IF stage I / II and SD3 pipelines: stages over
+one shared timestep sequence, x0_hat from the sample before the update, the relay noise at the
+stage's first timestep with the re-scheduled table, MegaFusion++'s dilation in stages >= 2 only,
+the UNet left as found, determinism, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+import hrkernels
+from hrkernels import ops, presets
+from hrkernels.samplers import SAMPLERS, MegaFusion
+from hrkernels.samplers import megafusion as megafusion_module
+from hrkernels.samplers.megafusion import split_steps
+from hrkernels.samplers.schedulers import fresh_scheduler
+from hrkernels.testing import tiny_pipeline
+
+
+def generate(sampler, height, width, seed=0, **kwargs):
+    kwargs.setdefault("output_type", "pt")
+    return sampler(prompt="a photo of a cat", height=height, width=width,
+                   generator=torch.Generator().manual_seed(seed), progress=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny pipelines by kind, built once."""
+    pipes: dict[str, object] = {}
+
+    def get(kind):
+        if kind not in pipes:
+            pipes[kind] = tiny_pipeline(kind)
+        return pipes[kind]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def if_image(tiny):
+    """An IF stage I result in [0, 1] (the image IF stage II upscales)."""
+    return generate(MegaFusion(tiny("if")), 16, 16, num_inference_steps=2).images
+
+
+# kind, (H, W), stages (None: the family default), steps, expected stage sizes, step split
+CASES = [
+    ("sd15", (128, 96), None, 4, [(64, 48), (96, 72), (128, 96)], [2, 1, 1]),
+    ("sdxl", (256, 192), None, 4, [(128, 96), (256, 192)], [3, 1]),
+    ("sdxl", (192, 256), [(128, 2), (192, 1), (256, 1)], 4,
+     [(96, 128), (144, 192), (192, 256)], [2, 1, 1]),
+    ("if", (32, 24), None, 5, [(16, 16), (32, 24)], [4, 1]),
+    ("if", (32, 24), [(16, 2), (24, 1), (32, 1)], 4, [(16, 16), (24, 16), (32, 24)], [2, 1, 1]),
+    ("if-sr", (64, 48), None, 3, [(32, 24), (64, 48)], [2, 1]),
+    ("sd3", (256, 192), None, 3, [(128, 96), (256, 192)], [2, 1]),
+    ("sd3", (256, 192), [(128, 2), (192, 1), (256, 1)], 4,
+     [(128, 96), (192, 144), (256, 192)], [2, 1, 1]),
+]
+
+
+@pytest.mark.parametrize("kind, target, stages, steps, sizes, split", CASES)
+def test_end_to_end(tiny, if_image, kind, target, stages, steps, sizes, split):
+    pipe = tiny(kind)
+    extra = {"image": if_image} if kind == "if-sr" else {}
+    out = generate(MegaFusion(pipe, stages=stages), *target, num_inference_steps=steps, **extra)
+    assert [(s.height, s.width) for s in out.stages] == sizes
+    assert out.images.shape == (1, 3, *target)
+    assert 0 <= float(out.images.min()) and float(out.images.max()) <= 1
+    f = 1 if kind in ("if", "if-sr") else 8
+    channels = {"sd3": 16, "if": 3, "if-sr": 3}.get(kind, 4)
+    for stage in out.stages:
+        assert stage.latents.shape == (1, channels, stage.height // f, stage.width // f)
+        assert torch.isfinite(stage.latents).all()
+    # One guided call (2 rows) per step, each stage its share of the steps.
+    calls = {(2, h // f, w // f): n for (h, w), n in zip(sizes, split, strict=True)}
+    assert out.unet_calls == calls
+    assert len(out.plan) == len(sizes) and "relay" in out.plan[-1]
+
+
+def test_default_stages_and_step_split(tiny):
+    sd15 = MegaFusion(tiny("sd15"))
+    assert sd15.stage_sizes(128, 128) == [(64, 64), (96, 96), (128, 128)]
+    assert sd15.stage_steps(50, 3) == [40, 5, 5] and sd15.default_steps() == 50
+    assert sd15.stage_sizes(64, 64) == [(64, 64)]  # a target at the base size: one stage
+    assert sd15.stage_sizes(72, 64) == [(64, 56), (72, 64)]  # no room for the middle stage
+    assert sd15.stage_steps(50, 2) == [40, 10]
+    assert MegaFusion(tiny("sdxl")).stage_steps(50, 2) == [40, 10]
+    assert MegaFusion(tiny("if")).default_steps() == 100
+    assert MegaFusion(tiny("if")).stage_steps(100, 2) == [80, 20]
+    assert MegaFusion(tiny("if-sr")).stage_steps(50, 2) == [40, 10]
+    assert MegaFusion(tiny("sd3")).stage_steps(28, 2) == [20, 8]
+    assert split_steps((40, 5, 5), 30) == [24, 3, 3] and split_steps((20, 8), 7) == [5, 2]
+    assert split_steps((40, 10), 2) == [1, 1]
+    assert SAMPLERS["megafusion"] is MegaFusion
+
+
+def test_stages_consume_the_shared_timestep_sequence(tiny):
+    seen = []
+
+    def record(stage, step, timestep, latents):
+        seen.append((stage, step, timestep))
+
+    for kind, stages in (("sd15", [(64, 3), (96, 2), (128, 2)]), ("sd3", [(128, 4), (256, 3)])):
+        pipe, seen[:] = tiny(kind), []
+        generate(MegaFusion(pipe, stages=stages), 128, 128 if kind == "sd15" else 256,
+                 num_inference_steps=7, callback_on_step_end=record, output_type="latent")
+        cls = DDIMScheduler if kind == "sd15" else type(pipe.scheduler)
+        expected = cls.from_config(pipe.scheduler.config)
+        expected.set_timesteps(7)
+        assert [t for _, _, t in seen] == expected.timesteps.tolist()
+        assert [(s, i) for s, i, _ in seen] == [(s, i) for s, (_, n) in enumerate(stages, 1)
+                                                for i in range(n)]
+
+
+def test_x0_hat_from_the_sample_before_the_update(tiny, monkeypatch):
+    # Stage 1's result is DDIM's x0 of its last step from the sample *before* that step's update:
+    # x0 = (z_t - sqrt(1 - a_t) eps) / sqrt(a_t) (eq. 2). The authors' code applies eq. 2 to the
+    # updated sample z_{t-1}.
+    pipe = tiny("sd15")
+    samples = []
+
+    def record(stage, step, timestep, latents):
+        samples.append((stage, step, latents.clone()))
+
+    out = generate(MegaFusion(pipe, stages=[(64, 3), (128, 1)]), 128, 128, num_inference_steps=4,
+                   guidance_scale=1.0, callback_on_step_end=record, output_type="latent")
+    z_t = samples[1][2]  # after stage 1's step 1: the sample its last step (index 2) starts from
+    scheduler = fresh_scheduler(pipe.scheduler, 4, scheduler_class=DDIMScheduler)
+    t, t_next = scheduler.timesteps[2], scheduler.timesteps[3]
+    embeds = pipe.encode_prompt("a photo of a cat", "cpu", 1, False)[0]
+    with torch.no_grad():
+        eps = pipe.unet(z_t, t, encoder_hidden_states=embeds).sample
+    a_t, a_next = scheduler.alphas_cumprod[t], scheduler.alphas_cumprod[t_next]
+    x0 = (z_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    torch.testing.assert_close(out.stages[0].latents, x0, atol=1e-5, rtol=1e-5)
+    updated = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps  # DDIM's z_{t-1} (eta 0)
+    authors = (updated - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    assert (out.stages[0].latents - authors).abs().max() > 0.05
+
+
+def test_relay_noise_at_the_first_timestep_with_the_rescheduled_table(tiny, monkeypatch):
+    pipe = tiny("sdxl")
+    relayed, noises, starts = [], [], []
+    original_relay, original_randn = megafusion_module.relay, megafusion_module.randn
+    original_run_stage = megafusion_module.run_stage
+
+    def relay(run, z, size):
+        relayed.append(original_relay(run, z, size))
+        return relayed[-1]
+
+    def randn(shape, generator, device):
+        noises.append(original_randn(shape, generator, device))
+        return noises[-1]
+
+    def run_stage(run, stage, size, schedule, z, step_function, skip=None):
+        starts.append(z.clone())
+        return original_run_stage(run, stage, size, schedule, z, step_function, skip)
+
+    monkeypatch.setattr(megafusion_module, "relay", relay)
+    monkeypatch.setattr(megafusion_module, "randn", randn)
+    monkeypatch.setattr(megafusion_module, "run_stage", run_stage)
+    sampler = MegaFusion(pipe, stages=[(128, 3), (192, 1), (256, 1)], mega_plus=True)
+    generate(sampler, 256, 256, num_inference_steps=5, output_type="latent")
+    timesteps = fresh_scheduler(pipe.scheduler, 5, scheduler_class=DDIMScheduler).timesteps
+    abar = DDIMScheduler.from_config(pipe.scheduler.config).alphas_cumprod.double()
+    for stage, (start, gamma) in enumerate(((3, 2.25), (4, 4.0)), start=1):
+        a = float(abar[timesteps[start]])
+        rescheduled = a / (gamma - (gamma - 1) * a)  # the table, at the stage's first timestep
+        expected = rescheduled ** 0.5 * relayed[stage - 1] + (1 - rescheduled) ** 0.5 * noises[
+            stage - 1]
+        torch.testing.assert_close(starts[stage], expected.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_mega_plus_dilates_only_the_later_stages(tiny, monkeypatch):
+    pipe = tiny("sdxl")
+    shapes = []
+    original = ops.dilated_conv2d
+
+    def counted(input, *args, **kwargs):
+        shapes.append((tuple(input.shape[2:]), kwargs.get("dilation")))
+        return original(input, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "dilated_conv2d", counted)
+    state = {name: value.clone() for name, value in pipe.unet.state_dict().items()}
+    sample = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    embeds = torch.randn(2, 77, 64, generator=torch.Generator().manual_seed(2))
+    added = {"text_embeds": torch.randn(2, 32), "time_ids": torch.ones(2, 6)}
+    with torch.no_grad():
+        before = pipe.unet(sample, 500, embeds, added_cond_kwargs=added).sample
+    out = generate(MegaFusion(pipe, mega_plus=True), 256, 256, num_inference_steps=4,
+                   output_type="latent")
+    # 4 mid-block 3x3 convs (2 resnets) per call, dilation 2, only at stage 2's mid-block size
+    # (32 x 32 latents, two downsamplers: 8 x 8), once per stage-2 step (1 of 4).
+    assert shapes == [((8, 8), 2.0)] * 4
+    assert out.unet_calls == {(2, 16, 16): 3, (2, 32, 32): 1}
+    assert not hrkernels.is_patched(pipe.unet)
+    assert all(torch.equal(state[name], value) for name, value in pipe.unet.state_dict().items())
+    with torch.no_grad():
+        after = pipe.unet(sample, 500, embeds, added_cond_kwargs=added).sample
+    assert torch.equal(before, after)
+    assert dict(presets.megafusion(pipe).layers) == {"mid_block": 2}
+
+
+def test_deterministic_and_a_patched_unet_left_as_found(tiny):
+    pipe = tiny("sd15")
+    unet = pipe.unet
+    hrkernels.patch(unet, hrkernels.ReDilation({"up_blocks.1": 2}))
+    try:
+        entries = [(e.variant, e.spec) for e in hrkernels.patching.patch_state(unet).entries]
+        sampler = MegaFusion(pipe, mega_plus=True)
+        first, second = (generate(sampler, 128, 128, seed=3, num_inference_steps=4)
+                         for _ in range(2))
+        assert torch.equal(first.images, second.images)
+        assert torch.equal(first.stages[0].latents, second.stages[0].latents)
+        other = generate(sampler, 128, 128, seed=4, num_inference_steps=4)
+        assert not torch.equal(first.images, other.images)
+
+        def fail(stage, step, timestep, latents):
+            if stage == 2:
+                raise RuntimeError("stop")
+
+        with pytest.raises(RuntimeError, match="stop"):
+            generate(sampler, 128, 128, num_inference_steps=4, callback_on_step_end=fail)
+        state = hrkernels.patching.patch_state(unet)
+        assert [(e.variant, e.spec) for e in state.entries] == entries
+        assert state.active_variant == "default"
+    finally:
+        hrkernels.unpatch(unet)
+
+
+def test_sd3_one_stage_is_the_pipeline(tiny):
+    # At the base size MegaFusion is plain sampling: the adapter (transformer call, flow
+    # scheduler, SD3's VAE scaling) reproduces the stock pipeline.
+    pipe = tiny("sd3")
+    out = generate(MegaFusion(pipe), 128, 96, num_inference_steps=3, output_type="latent")
+    reference = pipe("a photo of a cat", height=128, width=96, num_inference_steps=3,
+                     generator=torch.Generator().manual_seed(0), output_type="latent").images
+    assert len(out.stages) == 1
+    torch.testing.assert_close(out.latents, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_input(tiny, if_image):
+    sdxl = tiny("sdxl")
+    with pytest.raises(ValueError, match="ascending"):
+        MegaFusion(sdxl, stages=[(256, 2), (128, 2)])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        MegaFusion(sdxl, stages=[(128, 2), (252, 2)])
+    with pytest.raises(TypeError, match="stages"):
+        MegaFusion(sdxl, stages=[128, 256])
+    with pytest.raises(ValueError, match="sum to 4"):
+        generate(MegaFusion(sdxl, stages=[(128, 2), (256, 2)]), 256, 256, num_inference_steps=5)
+    with pytest.raises(ValueError, match="long side 192"):
+        generate(MegaFusion(sdxl, stages=[(128, 2), (256, 2)]), 192, 192)
+    with pytest.raises(ValueError, match="too few"):
+        generate(MegaFusion(sdxl), 256, 256, num_inference_steps=1)
+    with pytest.raises(TypeError, match="mega_plus"):
+        MegaFusion(sdxl, mega_plus=1)
+    with pytest.raises(ValueError, match="latent"):
+        generate(MegaFusion(tiny("if")), 32, 32, num_inference_steps=2, output_type="latent")
+    with pytest.raises(ValueError, match="mega_plus"):
+        MegaFusion(tiny("sd3"), mega_plus=True)
+    with pytest.raises(ValueError, match="image="):
+        generate(MegaFusion(tiny("if-sr")), 64, 64, num_inference_steps=2)
+    with pytest.raises(ValueError, match="noise_level"):
+        generate(MegaFusion(tiny("if-sr")), 64, 64, num_inference_steps=2, image=if_image,
+                 noise_level=1000)
+    with pytest.raises(ValueError, match="image="):
+        generate(MegaFusion(sdxl), 256, 256, num_inference_steps=2, image=if_image)
+    with pytest.raises(TypeError, match="pred_original_sample"):
+        from diffusers import DPMSolverMultistepScheduler
+        generate(MegaFusion(sdxl, scheduler=DPMSolverMultistepScheduler), 256, 256,
+                 num_inference_steps=2)
+    with pytest.raises(TypeError, match="megafusion needs"):
+        presets.megafusion(tiny("sd3"))
