@@ -397,7 +397,7 @@ def megafusion(pipe: Any) -> ReDilation:
         >>> from hrkernels.testing import tiny_pipeline
         >>> spec = megafusion(tiny_pipeline("sdxl"))
         >>> dict(spec.layers), spec.until_step
-        ({'mid_block': 2}, None)
+        ({'mid_block': 2.0}, None)
     """
     unet = getattr(pipe, "unet", pipe)
     if getattr(unet, "mid_block", None) is None:
