@@ -272,3 +272,17 @@ def test_bad_input(tiny, if_image):
                  num_inference_steps=2)
     with pytest.raises(TypeError, match="megafusion needs"):
         presets.megafusion(tiny("sd3"))
+
+
+def test_the_e2e_case_builds_and_warms_up(tiny):
+    # hrkernels.bench.e2e runs it on the GPU: its options must build the sampler, and its warm-up
+    # step count must serve the default stages (here at the tiny SDXL's 2x base).
+    from hrkernels.bench.e2e import ANCHORS, CASES
+
+    case = dict(CASES["megafusion-plus-2048"])
+    assert (case.pop("method"), case.pop("size")) in ANCHORS
+    warmup = case.pop("warmup_steps")
+    sampler = SAMPLERS["megafusion"](tiny("sdxl"), **case)
+    assert sampler.mega_plus and sampler.stage_steps(50, 2) == [40, 10]
+    out = generate(sampler, 256, 256, num_inference_steps=warmup, output_type="latent")
+    assert len(out.stages) == 2
