@@ -286,3 +286,36 @@ def test_the_e2e_case_builds_and_warms_up(tiny):
     assert sampler.mega_plus and sampler.stage_steps(50, 2) == [40, 10]
     out = generate(sampler, 256, 256, num_inference_steps=warmup, output_type="latent")
     assert len(out.stages) == 2
+
+
+def test_if_stage_two_conditions_on_the_upscaled_noised_image(tiny, if_image, monkeypatch):
+    # As IFSuperResolutionPipeline: the low-resolution image upscaled (bilinear, corners aligned)
+    # to the sample's size, noised to noise_level by the image-noising scheduler, concatenated to
+    # the sample's channels, noise_level as the class label; here at every stage's size.
+    pipe = tiny("if-sr")
+    noises, inputs = [], []
+    original_randn = megafusion_module.randn
+
+    def randn(shape, generator, device):
+        noises.append(original_randn(shape, generator, device))
+        return noises[-1]
+
+    def record(module, args, kwargs):
+        inputs.append((args[0].clone(), kwargs["class_labels"].clone()))
+
+    monkeypatch.setattr(megafusion_module, "randn", randn)
+    handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        generate(MegaFusion(pipe), 64, 48, num_inference_steps=3, image=if_image, noise_level=100,
+                 guidance_scale=1.0)
+    finally:
+        handle.remove()
+    low = if_image * 2 - 1
+    for stage, (call, size) in enumerate(((0, (32, 24)), (2, (64, 48)))):
+        upscaled = torch.nn.functional.interpolate(low, size, mode="bilinear", align_corners=True)
+        expected = pipe.image_noising_scheduler.add_noise(upscaled, noises[stage],
+                                                          torch.tensor([100]))
+        sample, labels = inputs[call]
+        assert sample.shape == (1, 6, *size)
+        torch.testing.assert_close(sample[:, 3:], expected, atol=1e-6, rtol=1e-6)
+        assert labels.tolist() == [100]
