@@ -290,10 +290,10 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
             yield
 
 
-def _check_arguments(kind: str, dtype: torch.dtype) -> None:
-    """Raise for a ``kind`` or ``dtype`` that no pipeline can be built with."""
-    if kind not in _KINDS:
-        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+def _check_arguments(kind: str, dtype: torch.dtype, kinds: tuple[str, ...] = _KINDS) -> None:
+    """Raise for a ``kind`` (not in ``kinds``) or ``dtype`` that no pipeline can be built with."""
+    if kind not in kinds:
+        raise ValueError(f"kind must be one of {kinds}, got {kind!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
 
@@ -576,13 +576,7 @@ def tiny_pipeline(
         >>> tuple(latents.shape)
         (1, 4, 8, 8)
     """
-    if kind in _OTHER_KINDS:
-        _check_arguments("sd15", dtype)
-    else:
-        try:
-            _check_arguments(kind, dtype)
-        except ValueError:
-            raise ValueError(f"kind must be one of {_KINDS + _OTHER_KINDS}, got {kind!r}") from None
+    _check_arguments(kind, dtype, _KINDS + _OTHER_KINDS)
     if scheduler is not None and (scheduler not in SCHEDULERS or kind == "sd3"):
         allowed = "None (SD3 keeps its flow-matching scheduler)" if kind == "sd3" else \
             f"None or one of {tuple(SCHEDULERS)}"

@@ -24,8 +24,10 @@ The framework they stand on (each module imports only the ones above it):
   patched model, callbacks, progress, the non-finite watch).
 * :mod:`~hrkernels.samplers.base` -- :class:`Sampler`, the call every method shares.
 
-Each sampler wraps a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``, is called with
-the pipeline's prompt arguments plus ``height``/``width``, and returns a :class:`SamplerOutput`.
+Each sampler wraps a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (MegaFusion
+also DeepFloyd ``IFPipeline`` / ``IFSuperResolutionPipeline`` and ``StableDiffusion3Pipeline``), is
+called with the pipeline's prompt arguments plus ``height``/``width``, and returns a
+:class:`SamplerOutput`.
 :data:`SAMPLERS` maps the ``hrkernels generate --method`` names to the classes; later samplers
 join it with :func:`register_sampler`.
 
