@@ -248,6 +248,10 @@ class MegaFusion(Sampler):
         """Each stage's long side for a target of ``long_side`` pixels."""
         if self.stages is not None:
             sides = [size for size, _ in self.stages]
+            odd = [side for side in sides if side % self.multiple]
+            if odd:
+                raise ValueError(f"MegaFusion: stage sizes {odd} must be multiples of "
+                                 f"{self.multiple} for {type(self.pipe).__name__}")
             if sides[-1] != long_side:
                 raise ValueError(f"MegaFusion: the last of stages {sides} must be the target's "
                                  f"long side {long_side} (max(height, width))")

@@ -259,6 +259,8 @@ def test_bad_input(tiny, if_image):
         generate(MegaFusion(tiny("if")), 32, 32, num_inference_steps=2, output_type="latent")
     with pytest.raises(ValueError, match="mega_plus"):
         MegaFusion(tiny("sd3"), mega_plus=True)
+    with pytest.raises(ValueError, match="multiples of 16"):  # SD3's 2x2 patches
+        generate(MegaFusion(tiny("sd3"), stages=[(136, 2), (256, 1)]), 256, 256)
     with pytest.raises(ValueError, match="image="):
         generate(MegaFusion(tiny("if-sr")), 64, 64, num_inference_steps=2)
     with pytest.raises(ValueError, match="noise_level"):
