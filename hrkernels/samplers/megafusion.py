@@ -14,15 +14,15 @@ pixel-space models (DeepFloyd IF) resize ``x0_hat`` itself (also clamped). The r
 the next stage's first timestep: ``add_noise`` coefficients looked up by step index, or the flow
 scheduler's ``scale_noise`` (SD3).
 
-MegaFusion++ (UNet models): stages whose long side is above the base size ``b`` run
+MegaFusion++ (UNet models): stages >= 2 run
 
 * the mid block's 3x3 convolutions at dilation 2 (:func:`hrkernels.presets.megafusion`, in a
   configuration of the sampler's own, removed after the stage). Stages >= 2 only, as the paper's
   appendix C.1 says; the authors' code dilates every stage (a deviation from their code);
 * a scheduler whose table is re-scheduled with ``gamma = (stage_long_side / b)^2``
-  (:func:`hrkernels.schedules.rescheduled_betas`), the model still receiving the integer
-  timesteps; the relay noise is added with that table at the stage's own first timestep (the
-  authors' code adds it four steps later).
+  (:func:`hrkernels.schedules.rescheduled_betas`; none where ``gamma <= 1``), the model still
+  receiving the integer timesteps; the relay noise is added with that table at the stage's own
+  first timestep (the authors' code adds it four steps later).
 
 Randomness, all from the one ``generator``, in this order: (IF stage II) the noise of the upscaled
 low-resolution image at every stage's size, first to last; stage 1's initial noise; then per stage
@@ -420,8 +420,10 @@ class MegaFusion(Sampler):
                     f"{run.num_inference_steps}, one model call of {rows} rows per step")
             if k > 0:
                 line += f", relay ({relay_kind})"
+            if self.dilation is not None and k > 0:
+                line += ", mid block dilated 2"
             if gammas[k] != 1.0:
-                line += f", mid block dilated 2, noise re-scheduled gamma {gammas[k]:.4g}"
+                line += f", noise re-scheduled with gamma {gammas[k]:.4g}"
             run.plan.append(line)
         logger.info("%s plan: %s", self.name, "; ".join(run.plan))
 
