@@ -372,7 +372,7 @@ def _cast(pipe: _Pipeline, device: torch.device | str, dtype: torch.dtype) -> No
 _TINY_T5_CONFIG: dict[str, Any] = {
     "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
     "relative_attention_num_buckets": 8, "pad_token_id": 0, "eos_token_id": 1,
-    "decoder_start_token_id": 0,
+    "decoder_start_token_id": 0, "dropout_rate": 0.0,
 }
 _TINY_IF_UNET_CONFIG: dict[str, Any] = {
     "sample_size": 16,
@@ -501,6 +501,9 @@ def _tiny_other(kind: str, seed: int) -> Any:
                     unet=UNet2DConditionModel(**_TINY_IF_SR_UNET_CONFIG),
                     image_noising_scheduler=DDPMScheduler.from_config(
                         _IF_NOISING_SCHEDULER_CONFIG), **common)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()  # as from_pretrained leaves them (T5 has dropout)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -277,6 +277,9 @@ def test_tiny_if_and_sd3_pipelines_run_offline():
     pipes = {kind: tiny_pipeline(kind) for kind in classes}
     for kind, cls in classes.items():
         assert type(pipes[kind]) is cls
+        # eval mode, as from_pretrained leaves a pipeline (the T5 encoder has dropout)
+        assert not any(module.training for module in pipes[kind].components.values()
+                       if isinstance(module, torch.nn.Module))
     assert pipes["if"].unet.config.sample_size == 16 and pipes["if-sr"].unet.config.in_channels == 6
     assert pipes["sd3"].vae.config.latent_channels == 16 and pipes["sd3"].vae.config.shift_factor
     # The offline T5 tokenizer ends every text with </s> and pads with <pad>.

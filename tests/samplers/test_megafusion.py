@@ -324,3 +324,27 @@ def test_if_stage_two_conditions_on_the_upscaled_noised_image(tiny, if_image, mo
         assert sample.shape == (1, 6, *size)
         torch.testing.assert_close(sample[:, 3:], expected, atol=1e-6, rtol=1e-6)
         assert labels.tolist() == [100]
+
+
+def test_prompt_embeddings_give_the_prompts_result(tiny):
+    # IF (T5) and SD3 (two CLIPs, pooled; T5 zeros): embeddings from the pipeline's own
+    # encode_prompt reproduce the prompt's run.
+    pipe = tiny("if")
+    embeds, negative = pipe.encode_prompt("a photo of a cat", True, clean_caption=False)
+    by_prompt = generate(MegaFusion(pipe), 32, 32, num_inference_steps=2)
+    by_embeds = MegaFusion(pipe)(prompt_embeds=embeds, negative_prompt_embeds=negative,
+                                 height=32, width=32, num_inference_steps=2, output_type="pt",
+                                 generator=torch.Generator().manual_seed(0), progress=False)
+    assert torch.equal(by_prompt.images, by_embeds.images)
+    pipe = tiny("sd3")
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+        "a photo of a cat", None, None, do_classifier_free_guidance=True)
+    by_prompt = generate(MegaFusion(pipe), 256, 256, num_inference_steps=2, output_type="latent")
+    by_embeds = MegaFusion(pipe)(
+        prompt_embeds=embeds, negative_prompt_embeds=negative, pooled_prompt_embeds=pooled,
+        negative_pooled_prompt_embeds=negative_pooled, height=256, width=256,
+        num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0),
+        progress=False)
+    assert torch.equal(by_prompt.latents, by_embeds.latents)
+    with pytest.raises(ValueError, match="takes prompt, negative_prompt"):
+        generate(MegaFusion(tiny("if")), 32, 32, num_inference_steps=2, prompt_2="a dog")
