@@ -5,6 +5,8 @@ diffusers pipeline as well as by our samplers (docs/METHODS.md).
   progressive schedule, noise-damped guidance) for SD 1.5/2.x or SDXL at a size.
 * :func:`freescale` -> :class:`FreeScalePlan`: FreeScale's self-cascade (stage sizes, restart step)
   and each stage's specs (Scale Fusion, restrained dilation).
+* :func:`megafusion` -> :class:`~hrkernels.ReDilation`: MegaFusion++'s dilated mid block (for the
+  stages above the base size).
 
 Example (the re-dilation alone, on a stock pipeline)::
 
@@ -30,7 +32,8 @@ from hrkernels._validate import check_int
 from hrkernels.patching import ReDilation, ScaleFusion, set_step
 
 __all__ = ["FREESCALE_DILATED_LAYERS", "SCALECRAFTER_PRESETS", "FreeScalePlan", "FreeScaleStage",
-           "ScaleCrafterPlan", "ScaleCrafterPreset", "freescale", "model_family", "scalecrafter"]
+           "MEGAFUSION_DILATION", "ScaleCrafterPlan", "ScaleCrafterPreset", "freescale",
+           "megafusion", "model_family", "scalecrafter"]
 
 
 def model_family(unet: nn.Module) -> str:
@@ -371,3 +374,33 @@ def freescale(pipe: Any, height: int, width: int, num_inference_steps: int = 50,
             specs = (fusion, dilation)
         stages.append(FreeScaleStage(size[0], size[1], scale, specs))
     return FreeScalePlan(tuple(stages), until)
+
+
+# docs/METHODS.md, MegaFusion, "Dilated convolution" (paper, appendix C.1).
+MEGAFUSION_DILATION = 2
+
+
+def megafusion(pipe: Any) -> ReDilation:
+    """MegaFusion++'s dilated convolutions for ``pipe``'s UNet: every 3x3 convolution of the mid
+    block (its resnets' ``conv1``/``conv2``) at dilation 2, at every step.
+
+    Patch it only while sampling above the base size (MegaFusion's stages >= 2: the paper's
+    appendix C.1 uses none at the original size; the authors' code dilates every stage, which
+    :class:`hrkernels.samplers.MegaFusion` does not reproduce). Works for any UNet with a
+    ``mid_block`` (SD 1.x/2.x, SDXL, DeepFloyd IF); SD3's transformer has none.
+
+    Raises:
+        TypeError: ``pipe`` (or the UNet given) has no UNet with a ``mid_block``.
+
+    Example (a stock pipeline's second, larger pass)::
+
+        >>> from hrkernels.testing import tiny_pipeline
+        >>> spec = megafusion(tiny_pipeline("sdxl"))
+        >>> dict(spec.layers), spec.until_step
+        ({'mid_block': 2.0}, None)
+    """
+    unet = getattr(pipe, "unet", pipe)
+    if getattr(unet, "mid_block", None) is None:
+        raise TypeError("megafusion needs a pipeline (or UNet) whose UNet has a mid_block "
+                        f"(SD 1.x/2.x, SDXL, DeepFloyd IF); got {type(pipe).__name__}")
+    return ReDilation({"mid_block": MEGAFUSION_DILATION})

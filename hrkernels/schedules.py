@@ -13,6 +13,8 @@ tensor of timesteps), outputs are numbers, tuples or small CPU tensors. See METH
 * :func:`sublattice_factor` -- APT's statistical-matching lattice of a stage.
 * :func:`redilation_factor` -- ScaleCrafter's re-dilation factor of a layer at a step (progressive
   schedule).
+* :func:`rescheduled_alphas_cumprod` / :func:`rescheduled_betas` / :func:`rescheduled_scheduler` --
+  MegaFusion++'s noise re-scheduling ``abar' = abar / (gamma - (gamma - 1) abar)``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from fractions import Fraction
+from typing import Any
 
 import torch
 
@@ -30,6 +33,9 @@ __all__ = [
     "apt_default_eta",
     "cosine_decay",
     "redilation_factor",
+    "rescheduled_alphas_cumprod",
+    "rescheduled_betas",
+    "rescheduled_scheduler",
     "scale_aware_betas",
     "stage_count",
     "stage_sizes",
@@ -275,3 +281,94 @@ def redilation_factor(
         raise ValueError("the progressive schedule needs until_step")
     exact = Fraction(str(factor)) * (until_step - step_index) / until_step
     return float(max(math.ceil(exact), 2))
+
+
+def _check_gamma(gamma: Any) -> float:
+    return check_real(gamma, "gamma", greater_than=0)
+
+
+def rescheduled_alphas_cumprod(alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
+    """MegaFusion++'s noise re-scheduling (METHODS.md, MegaFusion, "Noise re-scheduling"):
+    ``abar'_t = abar_t / (gamma - (gamma - 1) * abar_t)``.
+
+    ``gamma = (stage_res / b)^2`` (4 for a stage at twice the base size, 2.25 at 1.5x): the same
+    signal-to-noise ratio ``abar / (1 - abar)`` divided by ``gamma``, i.e. more noise at every
+    timestep for a larger image. ``gamma = 1`` returns the table unchanged.
+
+    Args:
+        alphas_cumprod: ``[T]`` float tensor of ``abar_t`` in (0, 1] (``scheduler.alphas_cumprod``).
+        gamma: ``> 0``.
+
+    Returns:
+        ``[T]`` float64 CPU tensor (compute the betas from it in float64:
+        :func:`rescheduled_betas`).
+
+    Raises:
+        TypeError: ``alphas_cumprod`` not a float tensor, ``gamma`` not a number.
+        ValueError: ``alphas_cumprod`` not 1-D with values in (0, 1], ``gamma <= 0``.
+
+    Example::
+
+        >>> rescheduled_alphas_cumprod(torch.tensor([0.5]), 4.0)
+        tensor([0.2000], dtype=torch.float64)
+    """
+    gamma = _check_gamma(gamma)
+    if not isinstance(alphas_cumprod, torch.Tensor) or not alphas_cumprod.is_floating_point():
+        raise TypeError("alphas_cumprod must be a float tensor [T]; got "
+                        f"{type(alphas_cumprod).__name__}")
+    table = alphas_cumprod.detach().to("cpu", torch.float64)
+    if table.dim() != 1 or table.numel() == 0 or not bool(((table > 0) & (table <= 1)).all()):
+        raise ValueError("alphas_cumprod must be a non-empty 1-D tensor with values in (0, 1]; got "
+                         f"shape {tuple(table.shape)}")
+    return table / (gamma - (gamma - 1.0) * table)
+
+
+def rescheduled_betas(alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The betas of :func:`rescheduled_alphas_cumprod`'s table: ``alpha'_t = abar'_t / abar'_{t-1}``
+    (``abar'_{-1} = 1``), ``beta'_t = 1 - alpha'_t``, computed in float64 and returned as a
+    float32 CPU tensor ``[T]``; pass it as ``trained_betas`` (``.tolist()``: a tensor makes
+    diffusers warn) to a diffusers scheduler, which re-derives its ``alphas``,
+    ``alphas_cumprod`` and everything else from them.
+
+    Raises:
+        as :func:`rescheduled_alphas_cumprod`.
+    """
+    table = rescheduled_alphas_cumprod(alphas_cumprod, gamma)
+    previous = torch.cat([table.new_ones(1), table[:-1]])
+    return (1.0 - table / previous).to(torch.float32)
+
+
+def rescheduled_scheduler(scheduler: Any, gamma: float) -> Any:
+    """A new scheduler of ``scheduler``'s class and config whose noise table is re-scheduled with
+    ``gamma`` (:func:`rescheduled_alphas_cumprod`), built with ``trained_betas`` from
+    :func:`rescheduled_betas`; its timesteps are not set (call ``set_timesteps``).
+
+    Works for every diffusers scheduler class that builds its tables from ``trained_betas`` and
+    reads ``alphas_cumprod`` (its ``alphas_cumprod`` then equals the formula up to float32
+    rounding of the product): tested with DDIM, DDPM, PNDM, Euler, Euler ancestral, LMS,
+    DPM-Solver++ multistep and UniPC (``tests/test_schedules.py``). The model keeps receiving the
+    scheduler's integer timesteps; only the noise level at each timestep changes.
+
+    Raises:
+        TypeError: ``scheduler`` has no ``alphas_cumprod`` or takes no ``trained_betas``
+            (flow-matching schedulers).
+        ValueError: a bad ``gamma``.
+
+    Example::
+
+        >>> from diffusers import DDIMScheduler
+        >>> ddim = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+        >>> new = rescheduled_scheduler(ddim, 4.0)
+        >>> bool(torch.allclose(new.alphas_cumprod.double(),
+        ...                     rescheduled_alphas_cumprod(ddim.alphas_cumprod, 4.0), rtol=1e-4))
+        True
+    """
+    import inspect
+
+    table = getattr(scheduler, "alphas_cumprod", None)
+    cls = type(scheduler)
+    if (not isinstance(table, torch.Tensor) or not hasattr(cls, "from_config")
+            or "trained_betas" not in inspect.signature(cls.__init__).parameters):
+        raise TypeError("scheduler must be a diffusers scheduler with an alphas_cumprod table "
+                        f"that takes trained_betas (DDIM, DDPM, Euler, ...); got {cls.__name__}")
+    return cls.from_config(scheduler.config, trained_betas=rescheduled_betas(table, gamma).tolist())

@@ -8,6 +8,9 @@ generated in code.
   ``StableDiffusionXLPipeline`` whose modules have the SD 1.5 / SDXL topology (same block types,
   same module names) with tiny channel counts, so a sampler runs end to end on a CPU in well under
   a second.
+  ``tiny_pipeline("if" | "if-sr" | "sd3")`` builds tiny DeepFloyd ``IFPipeline`` /
+  ``IFSuperResolutionPipeline`` (a T5 encoder and a T5 tokenizer over a local vocabulary) and
+  ``StableDiffusion3Pipeline`` (two CLIPs, no T5: the pipeline's zeros path), for MegaFusion.
 * :func:`random_pipeline` builds the full-size SD 1.5 / SDXL architectures with random weights, for
   GPU timing and memory measurements.
 """
@@ -24,13 +27,27 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
+    DDPMScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    IFPipeline,
+    IFSuperResolutionPipeline,
     PNDMScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from hrkernels.samplers.schedulers import SCHEDULERS
 
@@ -39,6 +56,8 @@ __all__ = ["random_pipeline", "tiny_pipeline"]
 _Pipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
 
 _KINDS = ("sd15", "sdxl")
+# MegaFusion's other families (tiny_pipeline only).
+_OTHER_KINDS = ("if", "if-sr", "sd3")
 
 
 # Scheduler configs as shipped with the checkpoints (runwayml/stable-diffusion-v1-5,
@@ -271,10 +290,10 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
             yield
 
 
-def _check_arguments(kind: str, dtype: torch.dtype) -> None:
-    """Raise for a ``kind`` or ``dtype`` that no pipeline can be built with."""
-    if kind not in _KINDS:
-        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+def _check_arguments(kind: str, dtype: torch.dtype, kinds: tuple[str, ...] = _KINDS) -> None:
+    """Raise for a ``kind`` (not in ``kinds``) or ``dtype`` that no pipeline can be built with."""
+    if kind not in kinds:
+        raise ValueError(f"kind must be one of {kinds}, got {kind!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
 
@@ -347,6 +366,148 @@ def _cast(pipe: _Pipeline, device: torch.device | str, dtype: torch.dtype) -> No
             torch.nn.Module.to(component, device=device, dtype=dtype)
 
 
+# DeepFloyd IF: the checkpoints' block types (pixel-space UNets with simple cross-attention on T5
+# embeddings, a learned-range variance), two levels of 16 and 32 channels; stage II takes the image
+# as three more input channels and the noise level as a timestep class embedding.
+_TINY_T5_CONFIG: dict[str, Any] = {
+    "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
+    "relative_attention_num_buckets": 8, "pad_token_id": 0, "eos_token_id": 1,
+    "decoder_start_token_id": 0, "dropout_rate": 0.0,
+}
+_TINY_IF_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 16,
+    "in_channels": 3,
+    "out_channels": 6,
+    "layers_per_block": 1,
+    "block_out_channels": (16, 32),
+    "down_block_types": ("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+    "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
+    "up_block_types": ("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+    "cross_attention_dim": 32,
+    "encoder_hid_dim": 32,
+    "attention_head_dim": 8,
+    "addition_embed_type": "text",
+    "addition_embed_type_num_heads": 2,
+    "cross_attention_norm": "group_norm",
+    "resnet_time_scale_shift": "scale_shift",
+    "act_fn": "gelu",
+    "norm_num_groups": 8,
+}
+_TINY_IF_SR_UNET_CONFIG: dict[str, Any] = {
+    **_TINY_IF_UNET_CONFIG,
+    "sample_size": 32,
+    "in_channels": 6,
+    "class_embed_type": "timestep",
+    "mid_block_scale_factor": 1.414,
+    "time_embedding_act_fn": "gelu",
+    "time_embedding_dim": 32,
+}
+# The IF checkpoints' kind of scheduler: DDPM on squared-cosine betas with dynamic thresholding and
+# a learned-range variance; the image-noising scheduler of stage II is a plain one.
+_IF_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+    "thresholding": True,
+    "dynamic_thresholding_ratio": 0.95,
+    "sample_max_value": 1.5,
+    "prediction_type": "epsilon",
+    "variance_type": "learned_range",
+}
+_IF_NOISING_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+}
+
+# SD3: an MMDiT of two blocks on 16-channel latents (patch 2), SD3's VAE layout (16 latent channels,
+# shift and scale, no quant convs), SD3's flow-matching scheduler (shift 3).
+_TINY_SD3_TRANSFORMER_CONFIG: dict[str, Any] = {
+    "sample_size": 16,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 2,
+    "attention_head_dim": 8,
+    "num_attention_heads": 4,
+    "caption_projection_dim": 32,
+    # the two CLIPs' hidden states side by side (32 + 32); the absent T5's zeros have this width
+    "joint_attention_dim": 2 * _TINY_TEXT_OVERRIDES["hidden_size"],
+    "pooled_projection_dim": 2 * _TINY_TEXT_OVERRIDES["projection_dim"],
+}
+_TINY_SD3_VAE_CONFIG: dict[str, Any] = {
+    **_SD15_VAE_CONFIG,
+    **_TINY_VAE_OVERRIDES,
+    "sample_size": 128,
+    "latent_channels": 16,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+_SD3_SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
+
+_T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
+
+
+def _t5_tokenizer() -> T5TokenizerFast:
+    """A T5 tokenizer over a local vocabulary: pad, end and unknown tokens, every printable ASCII
+    character and the word-start marker (a unigram model built in code: nothing downloaded, no
+    sentencepiece); ``model_max_length`` 77 as IF's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    symbols = [chr(code) for code in range(ord(" ") + 1, ord("~") + 1)] + ["\u2581"]
+    vocab = [(token, 0.0) for token in _T5_SPECIAL_TOKENS] + [(s, -1.0) for s in symbols]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=_T5_SPECIAL_TOKENS.index("<unk>")))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                           unk_token="<unk>", extra_ids=0, model_max_length=77)
+
+
+def _tiny_other(kind: str, seed: int) -> Any:
+    """The tiny IF stage I / II or SD3 pipeline, float32 on the CPU."""
+    with _seeded(seed, torch.device("cpu")):
+        if kind == "sd3":
+            tokenizer = _clip_tokenizer()
+            tokenizer_2 = _clip_tokenizer(pad_token=_SDXL_TOKENIZER_2_PAD_TOKEN)
+            text = {**_CLIP_VIT_L_CONFIG, **_TINY_TEXT_OVERRIDES}
+            pipe = StableDiffusion3Pipeline(
+                transformer=SD3Transformer2DModel(**_TINY_SD3_TRANSFORMER_CONFIG),
+                scheduler=FlowMatchEulerDiscreteScheduler.from_config(_SD3_SCHEDULER_CONFIG),
+                vae=AutoencoderKL(**_TINY_SD3_VAE_CONFIG),
+                text_encoder=CLIPTextModelWithProjection(_text_config(text, tokenizer)),
+                tokenizer=tokenizer,
+                text_encoder_2=CLIPTextModelWithProjection(_text_config(text, tokenizer_2)),
+                tokenizer_2=tokenizer_2,
+                text_encoder_3=None,
+                tokenizer_3=None,
+            )
+        else:
+            tokenizer = _t5_tokenizer()
+            common = {
+                "tokenizer": tokenizer,
+                "text_encoder": T5EncoderModel(T5Config(vocab_size=len(tokenizer),
+                                                        **_TINY_T5_CONFIG)),
+                "scheduler": DDPMScheduler.from_config(_IF_SCHEDULER_CONFIG),
+                "safety_checker": None,
+                "feature_extractor": None,
+                "watermarker": None,
+                "requires_safety_checker": False,
+            }
+            if kind == "if":
+                pipe = IFPipeline(unet=UNet2DConditionModel(**_TINY_IF_UNET_CONFIG), **common)
+            else:
+                pipe = IFSuperResolutionPipeline(
+                    unet=UNet2DConditionModel(**_TINY_IF_SR_UNET_CONFIG),
+                    image_noising_scheduler=DDPMScheduler.from_config(
+                        _IF_NOISING_SCHEDULER_CONFIG), **common)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()  # as from_pretrained leaves them (T5 has dropout)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_pipeline(
     kind: str = "sd15",
     *,
@@ -354,8 +515,9 @@ def tiny_pipeline(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     scheduler: str | None = None,
-) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
-    """Build a tiny SD 1.5 or SDXL pipeline with random weights, for tests on CPU.
+) -> Any:
+    """Build a tiny SD 1.5, SDXL, DeepFloyd IF (stage I or II) or SD3 pipeline with random
+    weights, for tests on CPU.
 
     The pipeline is a real ``StableDiffusionPipeline`` (``kind="sd15"``) or
     ``StableDiffusionXLPipeline`` (``kind="sdxl"``) whose UNet and VAE have exactly the real
@@ -377,19 +539,32 @@ def tiny_pipeline(
     ``"sdxl"``. Latent sides must be multiples of 8 for ``"sd15"`` (three downsamplers) and of 4
     for ``"sdxl"`` (two), i.e. image sides multiples of 64 and 32 pixels.
 
+    ``kind="if"``: an ``IFPipeline`` whose UNet has IF's block types (residual down/up blocks,
+    simple cross-attention on T5 embeddings, a learned-range variance: 6 output channels), two
+    levels of 16 and 32 channels, base size 16 px (pixel space), a two-layer T5 encoder of width
+    32 and a T5 tokenizer over a local vocabulary (printable ASCII; anything else is unknown),
+    IF's kind of scheduler (DDPM, squared-cosine betas, dynamic thresholding), no safety checker
+    or watermarker. ``"if-sr"``: the same as an ``IFSuperResolutionPipeline`` (UNet input: the
+    sample and the upscaled image, 6 channels; the noise level as a timestep class embedding),
+    base size 32 px. ``"sd3"``: a ``StableDiffusion3Pipeline`` with a two-block MMDiT (patch 2,
+    16 latent channels, base size 128 px), SD3's VAE layout (16 latent channels, scaling and
+    ``shift_factor``) with the tiny VAE's widths, two tiny CLIPs and no T5 (the pipeline uses
+    zeros for it), ``FlowMatchEulerDiscreteScheduler`` with shift 3.
+
     The modules are initialised on the CPU from ``seed`` (the global RNG state is left untouched)
     and then moved to ``device`` and ``dtype``, so the same seed gives bitwise identical weights on
     every call and every device.
 
     Args:
-        kind: ``"sd15"`` or ``"sdxl"``.
+        kind: ``"sd15"``, ``"sdxl"``, ``"if"``, ``"if-sr"`` or ``"sd3"``.
         seed: seed of the weight initialisation.
         dtype: floating dtype of every module.
         device: device of every module.
         scheduler: ``None`` keeps the checkpoint's scheduler; a name of
             :data:`hrkernels.samplers.schedulers.SCHEDULERS` (``"ddim"``, ``"euler"``, ``"dpm"``:
             DPM-Solver++ multistep, ``"unipc"``, ``"pndm"``) swaps in that class built with
-            ``from_config(pipe.scheduler.config)``, as users do with real checkpoints.
+            ``from_config(pipe.scheduler.config)``, as users do with real checkpoints (SD 1.5,
+            SDXL, IF only).
 
     Returns:
         The pipeline, in ``dtype`` on ``device``.
@@ -404,11 +579,17 @@ def tiny_pipeline(
         >>> tuple(latents.shape)
         (1, 4, 8, 8)
     """
-    _check_arguments(kind, dtype)
-    if scheduler is not None and scheduler not in SCHEDULERS:
-        raise ValueError(
-            f"scheduler must be None or one of {tuple(SCHEDULERS)}, got {scheduler!r}"
-        )
+    _check_arguments(kind, dtype, _KINDS + _OTHER_KINDS)
+    if scheduler is not None and (scheduler not in SCHEDULERS or kind == "sd3"):
+        allowed = "None (SD3 keeps its flow-matching scheduler)" if kind == "sd3" else \
+            f"None or one of {tuple(SCHEDULERS)}"
+        raise ValueError(f"scheduler must be {allowed}, got {scheduler!r}")
+    if kind in _OTHER_KINDS:
+        pipe = _tiny_other(kind, seed)
+        if scheduler is not None:
+            pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
+        _cast(pipe, device, dtype)
+        return pipe
     text_configs = (
         {**_CLIP_VIT_L_CONFIG, **_TINY_TEXT_OVERRIDES},
         {**_CLIP_BIGG_CONFIG, **_TINY_TEXT_OVERRIDES},

@@ -1,16 +1,21 @@
-"""``hrkernels.schedules``: cosine decay, APT's scale-aware betas and default eta, stage sizes."""
+"""``hrkernels.schedules``: cosine decay, APT's scale-aware betas and default eta, stage sizes,
+MegaFusion++'s re-scheduled noise tables."""
 
 from __future__ import annotations
 
 import math
 
+import diffusers
 import pytest
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
 from hrkernels.schedules import (
     apt_default_eta,
     cosine_decay,
+    rescheduled_alphas_cumprod,
+    rescheduled_betas,
+    rescheduled_scheduler,
     scale_aware_betas,
     stage_sizes,
     sublattice_factor,
@@ -148,3 +153,43 @@ def test_wrong_types_raise_type_errors_naming_the_argument():
         apt_default_eta("2")
     with pytest.raises(TypeError, match="height"):
         stage_sizes(2048.0, 2048, 1024)
+
+
+# -- MegaFusion++ noise re-scheduling ------------------------------------------------------------
+
+RESCHEDULED_CLASSES = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
+                       "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler",
+                       "DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
+
+
+@pytest.mark.parametrize("gamma", [2.25, 4.0])
+def test_rescheduled_alphas_cumprod_against_the_formula(gamma):
+    abar = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                   beta_end=0.012).alphas_cumprod
+    expected = [float(a) / (gamma - (gamma - 1) * float(a)) for a in abar]  # independent, in Python
+    table = rescheduled_alphas_cumprod(abar, gamma)
+    assert table.dtype == torch.float64
+    assert torch.allclose(table, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
+    # gamma = (stage / base)^2: the SNR abar / (1 - abar) is divided by gamma.
+    snr = abar.double() / (1 - abar.double())
+    assert torch.allclose(table / (1 - table), snr / gamma, rtol=1e-9)
+    betas = rescheduled_betas(abar, gamma)
+    assert betas.dtype == torch.float32 and bool(((betas > 0) & (betas < 1)).all())
+    for name in RESCHEDULED_CLASSES:
+        template = getattr(diffusers, name)(beta_schedule="scaled_linear", beta_start=0.00085,
+                                             beta_end=0.012)
+        scheduler = rescheduled_scheduler(template, gamma)
+        assert type(scheduler) is type(template)
+        assert torch.allclose(scheduler.alphas_cumprod.double(), table, rtol=2e-6, atol=0), name
+    assert torch.equal(rescheduled_alphas_cumprod(abar, 1.0), abar.double())
+
+
+def test_rescheduled_bad_input():
+    with pytest.raises(ValueError, match="gamma"):
+        rescheduled_alphas_cumprod(torch.tensor([0.5]), 0.0)
+    with pytest.raises(TypeError, match="alphas_cumprod"):
+        rescheduled_alphas_cumprod([0.5], 2.0)
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        rescheduled_alphas_cumprod(torch.tensor([1.5]), 2.0)
+    with pytest.raises(TypeError, match="trained_betas"):
+        rescheduled_scheduler(FlowMatchEulerDiscreteScheduler(), 4.0)

@@ -267,3 +267,36 @@ def test_random_pipeline_without_text_encoders():
     assert pipe.text_encoder is None and pipe.text_encoder_2 is None
     assert pipe.tokenizer is not None and pipe.tokenizer_2 is not None
     assert parameter_count(pipe.unet) == REAL_PARAMETER_COUNTS["sdxl"]["unet"]
+
+
+def test_tiny_if_and_sd3_pipelines_run_offline():
+    from diffusers import IFPipeline, IFSuperResolutionPipeline, StableDiffusion3Pipeline
+
+    classes = {"if": IFPipeline, "if-sr": IFSuperResolutionPipeline,
+               "sd3": StableDiffusion3Pipeline}
+    pipes = {kind: tiny_pipeline(kind) for kind in classes}
+    for kind, cls in classes.items():
+        assert type(pipes[kind]) is cls
+        # eval mode, as from_pretrained leaves a pipeline (the T5 encoder has dropout)
+        assert not any(module.training for module in pipes[kind].components.values()
+                       if isinstance(module, torch.nn.Module))
+    assert pipes["if"].unet.config.sample_size == 16 and pipes["if-sr"].unet.config.in_channels == 6
+    assert pipes["sd3"].vae.config.latent_channels == 16 and pipes["sd3"].vae.config.shift_factor
+    # The offline T5 tokenizer ends every text with </s> and pads with <pad>.
+    ids = pipes["if"].tokenizer("a cat", padding="max_length", max_length=12).input_ids
+    assert ids[6:] == [1, 0, 0, 0, 0, 0] and 2 not in ids  # 6 pieces: "▁", "a", "▁", "c", "a", "t"
+    image = pipes["if"]("a cat", num_inference_steps=1, height=16, width=16, output_type="pt",
+                        clean_caption=False).images
+    upscaled = pipes["if-sr"]("a cat", image=image, num_inference_steps=1, height=32, width=32,
+                              output_type="pt", clean_caption=False).images
+    latents = pipes["sd3"]("a cat", num_inference_steps=1, height=128, width=128,
+                           output_type="latent").images
+    assert image.shape == (1, 3, 16, 16) and upscaled.shape == (1, 3, 32, 32)
+    assert latents.shape == (1, 16, 16, 16) and torch.isfinite(latents).all()
+    first = tiny_pipeline("sd3", seed=5).transformer.state_dict()
+    second = tiny_pipeline("sd3", seed=5).transformer.state_dict()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    with pytest.raises(ValueError, match="SD3 keeps its flow-matching scheduler"):
+        tiny_pipeline("sd3", scheduler="ddim")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        random_pipeline("sd3", device="meta")

@@ -5,8 +5,9 @@ with_text_encoders=False)`` -- the real SDXL UNet and VAE with random weights --
 image from random ``prompt_embeds``/``pooled_prompt_embeds`` (SDXL's empty negative prompt is
 zeros), decoding it to PIL as a user's call would.
 
-* ``seconds``: wall time of the measured call (after a 1-step warm-up call at the same size, which
-  compiles every UNet shape when ``compile`` is on), with ``torch.cuda.synchronize`` on both ends.
+* ``seconds``: wall time of the measured call (after a warm-up call at the same size of
+  ``warmup_steps`` steps, 1 unless the method needs one per stage (MegaFusion), which compiles
+  every UNet shape when ``compile`` is on), with ``torch.cuda.synchronize`` on both ends.
 * ``peak_gib``: ``torch.cuda.max_memory_allocated`` during the measured call.
 * ``unet_floor_s``: the time of the UNet evaluations alone at the same batch shapes and counts:
   for every distinct input shape the sampler reports (``SamplerOutput.unet_calls``), the median of
@@ -104,8 +105,11 @@ def unet_floor(pipe: Any, unet_calls: dict[tuple[int, int, int], int],
 
 def run_e2e(method: str = "demofusion", size: int = 2048, steps: int = 50,
             view_batch_size: int | str = 16, compile: bool | str = False, pipe: Any = None,
-            repeats: int = 5, **sampler_kwargs: Any) -> dict[str, Any]:
-    """Time one ``size x size`` image with a registered sampler; see the module docstring."""
+            repeats: int = 5, warmup_steps: int = 1, **sampler_kwargs: Any) -> dict[str, Any]:
+    """Time one ``size x size`` image with a registered sampler; see the module docstring.
+
+    ``warmup_steps``: steps of the warm-up call (a method whose stages split one step sequence,
+    MegaFusion, needs at least one per stage)."""
     import triton
 
     from hrkernels.samplers import SAMPLERS
@@ -115,7 +119,7 @@ def run_e2e(method: str = "demofusion", size: int = 2048, steps: int = 50,
     pipe = pipe if pipe is not None else build_pipeline(compile)
     sampler = SAMPLERS[method](pipe, view_batch_size=view_batch_size, **sampler_kwargs)
     call = {**_embeds(pipe), "height": size, "width": size, "progress": False}
-    sampler(**call, num_inference_steps=1, output_type="latent",
+    sampler(**call, num_inference_steps=warmup_steps, output_type="latent",
             generator=torch.Generator("cuda").manual_seed(0))  # warm-up (and compilation)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -176,22 +180,32 @@ CASES: dict[str, dict[str, Any]] = {
     "scalecrafter-2048": {"method": "scalecrafter", "size": 2048, "view_batch_size": "auto"},
     "scalecrafter-2048-compile": {"method": "scalecrafter", "size": 2048,
                                   "view_batch_size": "auto", "compile": "default"},
-    "freescale-2048": {"method": "freescale", "size": 2048, "view_batch_size": "auto"},
+    # FreeScale's later stages restart at t <= 700: a warm-up of 2 steps reaches every stage.
+    "freescale-2048": {"method": "freescale", "size": 2048, "view_batch_size": "auto",
+                       "warmup_steps": 2},
     "freescale-2048-compile": {"method": "freescale", "size": 2048, "view_batch_size": "auto",
-                               "compile": "default"},
-    "freescale-4096": {"method": "freescale", "size": 4096, "view_batch_size": "auto"},
-    "freescale-8192": {"method": "freescale", "size": 8192, "view_batch_size": "auto"},
+                               "compile": "default", "warmup_steps": 2},
+    "freescale-4096": {"method": "freescale", "size": 4096, "view_batch_size": "auto",
+                       "warmup_steps": 2},
+    "freescale-8192": {"method": "freescale", "size": 8192, "view_batch_size": "auto",
+                       "warmup_steps": 2},
+    # SDXL 1024 -> 2048, 40 + 10 of 50 steps (the default stages), MegaFusion++; one view per
+    # image, so the view batch is 1.
+    "megafusion-plus-2048": {"method": "megafusion", "size": 2048, "view_batch_size": 1,
+                             "mega_plus": True, "warmup_steps": 2},
+    "megafusion-plus-2048-compile": {"method": "megafusion", "size": 2048, "view_batch_size": 1,
+                                     "mega_plus": True, "warmup_steps": 2, "compile": "default"},
 }
 DEFAULT_CASES = ("demofusion-2048", "demofusion-2048-auto", "apt-2048")
 # The diffusers community DemoFusion pipeline on the same kind of machine (issue 5), and the
-# authors' ScaleCrafter and FreeScale code.
+# authors' ScaleCrafter, FreeScale and MegaFusion++ (SDXL, 40 + 10 steps) code (issue 18).
 ANCHORS = {
     ("demofusion", 2048): {"seconds": 48.0, "peak_gib": 12.5, "unet_floor_s": 30.3},
     ("demofusion", 4096): {"seconds": 362.0, "peak_gib": 13.0, "unet_floor_s": 218.0},
-    # The authors' code on the same kind of machine, SDXL topology, random weights (issue 18).
     ("scalecrafter", 2048): {"seconds": 16.9, "peak_gib": 10.1},
     ("freescale", 2048): {"seconds": 24.7, "peak_gib": 10.1},
     ("freescale", 4096): {"seconds": 196.1, "peak_gib": 12.1},
+    ("megafusion", 2048): {"seconds": 7.3, "peak_gib": 14.6},
 }
 
 

@@ -1,10 +1,11 @@
 """``hrkernels generate``: run a registered sampler (:data:`hrkernels.samplers.SAMPLERS`) on a
 diffusers pipeline and save the image (and, when asked, every stage's preview).
 
-``--model tiny-sd15`` / ``--model tiny-sdxl`` build :func:`hrkernels.testing.tiny_pipeline` (random
-weights, nothing downloaded): the whole path runs anywhere, and the images are noise by
-construction. Any other value is a local path or hub id loaded with
-``DiffusionPipeline.from_pretrained``; it must be an SD 1.5/2.x or SDXL pipeline.
+``--model tiny-sd15`` / ``tiny-sdxl`` / ``tiny-if`` / ``tiny-if-sr`` / ``tiny-sd3`` build
+:func:`hrkernels.testing.tiny_pipeline` (random weights, nothing downloaded): the whole path runs
+anywhere, and the images are noise by construction. Any other value is a local path or hub id
+loaded with ``DiffusionPipeline.from_pretrained``; it must be a pipeline the method supports (SD
+1.5/2.x, SDXL; MegaFusion also DeepFloyd IF stage I / II and SD3).
 
 Example::
 
@@ -25,7 +26,8 @@ from hrkernels.cli import DTYPES, default_device, reports_usage_errors, resolve_
 
 NAME = "generate"
 HELP = "generate a high-resolution image"
-TINY_MODELS = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl"}
+TINY_MODELS = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "tiny-if": "if", "tiny-if-sr": "if-sr",
+               "tiny-sd3": "sd3"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,9 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from hrkernels.samplers.schedulers import SCHEDULERS
 
     parser.add_argument("--model", required=True,
-                        help="a diffusers SD 1.5/2.x or SDXL pipeline (path or hub id), or "
-                             "tiny-sd15 / tiny-sdxl (random tiny models: noise images, no "
-                             "download)")
+                        help="a diffusers pipeline (path or hub id): SD 1.5/2.x or SDXL "
+                             "(megafusion also DeepFloyd IF stage I / II and SD3), or tiny-sd15 / "
+                             "tiny-sdxl / tiny-if / tiny-if-sr / tiny-sd3 (random tiny models: "
+                             "noise images, no download)")
     parser.add_argument("--method", required=True, choices=sorted(SAMPLERS),
                         help="the high-resolution sampler")
     parser.add_argument("--prompt", required=True, help="text prompt")
@@ -47,7 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=None,
                         help="image width in pixels, a multiple of 8 (default: 2x the model's base "
                              "size)")
-    parser.add_argument("--steps", type=int, default=50, help="steps per stage (default: 50)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps per stage (default: 50); megafusion: the steps of the one "
+                             "sequence its stages share (default: the sum of --stages, or the "
+                             "model's: 50; IF stage I 100; SD3 28)")
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale (default: the method's, 7.5; "
                              "ScaleCrafter: 5.0 for SDXL)")
@@ -62,7 +68,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="freescale: the skip residual's exponent of c(t) (default 2)")
     parser.add_argument("--image", type=Path, default=None,
                         help="freescale: an existing image (file) that replaces the first "
-                             "stage's result")
+                             "stage's result; megafusion on IF stage II: the low-resolution image "
+                             "it upscales")
+    parser.add_argument("--stages", default=None,
+                        help="megafusion: each stage's long side in pixels and its steps, "
+                             "ascending, the last the target's long side, e.g. 1024:40,2048:10 "
+                             "(default: the model's)")
+    parser.add_argument("--mega-plus", action="store_true",
+                        help="megafusion: MegaFusion++ (mid block dilated, noise re-scheduled "
+                             "above the base size)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--out", required=True, type=Path,
                         help="output image file (.png); several images get _1, _2, ... suffixes")
@@ -169,17 +183,37 @@ def _sampler_options(args: argparse.Namespace, sampler: type) -> dict[str, Any]:
     for flag, option, value, given in (
             ("--no-noise-damped", "noise_damped", False, args.no_noise_damped),
             ("--fast-mode", "fast_mode", True, args.fast_mode),
-            ("--alpha", "alpha", args.alpha, args.alpha is not None)):
+            ("--alpha", "alpha", args.alpha, args.alpha is not None),
+            ("--stages", "stages", args.stages, args.stages is not None),
+            ("--mega-plus", "mega_plus", True, args.mega_plus)):
         if given:
             if option not in inspect.signature(sampler).parameters:
                 raise ValueError(f"{flag}: {args.method} takes no {option}")
-            options[option] = value
+            options[option] = parse_stages(value) if option == "stages" else value
     if args.scheduler is not None:
         if "scheduler" not in inspect.signature(sampler).parameters:
             raise ValueError(f"--scheduler: {args.method} samples with its own scheduler "
                              f"({sampler.default_scheduler.__name__}); drop --scheduler")
         options["scheduler"] = SCHEDULERS[args.scheduler]
     return options
+
+
+def parse_stages(text: str) -> list[tuple[int, int]]:
+    """``--stages 1024:40,2048:10`` -> ``[(1024, 40), (2048, 10)]`` (the sampler checks the
+    values).
+
+    Raises:
+        ValueError: not comma-separated ``SIZE:STEPS`` pairs of integers.
+    """
+    stages = []
+    for part in text.split(","):
+        size, _, steps = part.strip().partition(":")
+        try:
+            stages.append((int(size), int(steps)))
+        except ValueError:
+            raise ValueError(f"--stages must be comma-separated SIZE:STEPS pairs of integers, "
+                             f"e.g. 1024:40,2048:10; got {text!r}") from None
+    return stages
 
 
 def _call_options(args: argparse.Namespace, sampler: type) -> dict[str, Any]:
@@ -217,8 +251,9 @@ def run(args: argparse.Namespace) -> int:
     base = sampler.adapter.base_size
     height, width = args.height or 2 * base, args.width or 2 * base
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    steps = {} if args.steps is None else {"num_inference_steps": args.steps}
     output = sampler(prompt=args.prompt, negative_prompt=args.negative_prompt, height=height,
-                     width=width, num_inference_steps=args.steps,
+                     width=width, **steps,
                      guidance_scale=args.guidance, eta=args.eta, generator=generator,
                      output_type="pil",
                      decode_stages=args.previews is not None, progress=True,

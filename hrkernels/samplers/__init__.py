@@ -6,12 +6,15 @@
 * :class:`FreeScale` -- self-cascade in RGB, restrained dilation, Scale Fusion attention.
 * :class:`ScaleCrafter` -- direct inference with a re-dilated UNet (presets from
   :mod:`hrkernels.presets`) and noise-damped guidance.
+* :class:`MegaFusion` -- truncate-and-relay over one shared timestep sequence (SD 1.x/2.x, SDXL,
+  DeepFloyd IF stage I and II, SD3); MegaFusion++ with ``mega_plus=True``.
 
 The framework they stand on (each module imports only the ones above it):
 
 * :mod:`~hrkernels.samplers.outputs` -- :class:`SamplerOutput`, :class:`StageResult`,
   :class:`NonFiniteLatentsError`.
-* :mod:`~hrkernels.samplers.pipelines` -- one adapter per model family (SD 1.5/2.x, SDXL): prompt
+* :mod:`~hrkernels.samplers.pipelines` -- one adapter per model family (SD 1.5/2.x, SDXL, IF stage
+  I and II, SD3): prompt
   encoding, the model call and its extra inputs, latents -> images.
 * :mod:`~hrkernels.samplers.schedulers` -- fresh schedulers per stage, noising coefficients by step,
   step options, which schedulers keep a skip residual.
@@ -21,8 +24,10 @@ The framework they stand on (each module imports only the ones above it):
   patched model, callbacks, progress, the non-finite watch).
 * :mod:`~hrkernels.samplers.base` -- :class:`Sampler`, the call every method shares.
 
-Each sampler wraps a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``, is called with
-the pipeline's prompt arguments plus ``height``/``width``, and returns a :class:`SamplerOutput`.
+Each sampler wraps a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (MegaFusion
+also DeepFloyd ``IFPipeline`` / ``IFSuperResolutionPipeline`` and ``StableDiffusion3Pipeline``), is
+called with the pipeline's prompt arguments plus ``height``/``width``, and returns a
+:class:`SamplerOutput`.
 :data:`SAMPLERS` maps the ``hrkernels generate --method`` names to the classes; later samplers
 join it with :func:`register_sampler`.
 
@@ -43,6 +48,7 @@ from hrkernels.samplers.apt import APT
 from hrkernels.samplers.base import Sampler
 from hrkernels.samplers.demofusion import DemoFusion
 from hrkernels.samplers.freescale import FreeScale
+from hrkernels.samplers.megafusion import MegaFusion
 from hrkernels.samplers.outputs import NonFiniteLatentsError, SamplerOutput, StageResult
 from hrkernels.samplers.scalecrafter import ScaleCrafter
 
@@ -70,12 +76,14 @@ register_sampler("demofusion", DemoFusion)
 register_sampler("apt", APT)
 register_sampler("scalecrafter", ScaleCrafter)
 register_sampler("freescale", FreeScale)
+register_sampler("megafusion", MegaFusion)
 
 __all__ = [
     "APT",
     "SAMPLERS",
     "DemoFusion",
     "FreeScale",
+    "MegaFusion",
     "NonFiniteLatentsError",
     "Sampler",
     "SamplerOutput",

@@ -26,9 +26,7 @@ inside their steps.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -49,7 +47,10 @@ from hrkernels.samplers.stages import (
     denoising_step,
     initial_latents,
     randn,
+    relay,
+    resize_pixels,
     run_stage,
+    stage_patches,
     stage_schedule,
 )
 
@@ -171,9 +172,8 @@ class FreeScale(Sampler):
     def encode_image(self, run: Run, image: Any, stage: FreeScaleStage) -> torch.Tensor:
         """The caller's image as the first stage's latent: resized (bicubic) to the stage's
         size, encoded; one per image of the batch."""
-        pixels = _as_tensor(image).to(run.device, torch.float32)
-        pixels = F.interpolate(pixels, size=(stage.height, stage.width), mode="bicubic",
-                               align_corners=False).clamp(-1, 1)
+        pixels = resize_pixels(_as_tensor(image).to(run.device, torch.float32),
+                               (stage.height, stage.width))
         if pixels.shape[0] not in (1, run.batch):
             raise ValueError(f"image holds {pixels.shape[0]} images; pass 1 or {run.batch} "
                              "(the prompts times num_images_per_prompt)")
@@ -181,11 +181,9 @@ class FreeScale(Sampler):
         return self.adapter.encode(pixels, run.generator)
 
     def relay(self, run: Run, z: torch.Tensor, stage: FreeScaleStage) -> torch.Tensor:
-        """The previous stage's latent in RGB, resized to ``stage``'s size, encoded: ``z0``."""
-        images = self.adapter.decode(z).float()
-        images = F.interpolate(images, size=(stage.height, stage.width), mode="bicubic",
-                               align_corners=False).clamp_(-1, 1)
-        return self.adapter.encode(images, run.generator)
+        """The previous stage's latent in RGB, resized to ``stage``'s size, encoded: ``z0``
+        (:func:`~hrkernels.samplers.stages.relay`)."""
+        return relay(run, z, (stage.height, stage.width))
 
     def upscale_stage(self, run: Run, number: int, stage: FreeScaleStage, z: torch.Tensor,
                       restart: int) -> torch.Tensor:
@@ -202,29 +200,11 @@ class FreeScale(Sampler):
         skip = SkipResidual(z0, randn(z0.shape, run.generator, run.device), alpha)
         batch_sizes = run.engine.plan({latent: [run.batch]}, self.view_batch_size, run.guidance)
         model = self.adapter.model
-        with _stage_patches(model, stage):
+        with stage_patches(model, stage.specs, VARIANT):
             patching.prepare_windows(model, latent, schedule.indices, run.generator, run.device,
                                      variant=VARIANT)
             return run_stage(run, number, latent, schedule, None,
                              denoising_step(run, schedule, batch_sizes), skip=skip)
-
-
-@contextlib.contextmanager
-def _stage_patches(unet: torch.nn.Module, stage: FreeScaleStage) -> Iterator[None]:
-    """The stage's specs in the sampler's configuration, active for the block; the UNet's patches
-    and active configuration as they were afterwards, also on an exception."""
-    installed = False
-    previous = None
-    try:
-        patching.patch(unet, list(stage.specs), variant=VARIANT)
-        installed = True
-        previous = patching.set_variant(unet, VARIANT)
-        yield
-    finally:
-        if previous is not None:
-            patching.set_variant(unet, previous)
-        if installed:
-            patching.unpatch(unet, variant=VARIANT)
 
 
 def _as_tensor(image: Any) -> torch.Tensor:

@@ -13,6 +13,10 @@ A sampler never branches on the model family; it asks its :class:`PipelineAdapte
 * latents -> the caller's ``output_type`` (:meth:`PipelineAdapter.to_images`: the VAE, the safety
   checker where the pipeline has one, post-processing).
 
+Families: SD 1.x/2.x (:class:`StableDiffusionAdapter`), SDXL (:class:`SDXLAdapter`), DeepFloyd IF
+stage I and II (:class:`IFAdapter`, :class:`IFSuperResolutionAdapter`: pixel space) and SD3
+(:class:`SD3Adapter`: a transformer on flow matching).
+
 :func:`adapter_for` picks the adapter of a pipeline; :data:`ADAPTERS` is the open list (a family
 such as DeepFloyd IF or SD3 adds a subclass and registers it with :func:`register_adapter`, without
 touching the engine or the stage loop).
@@ -24,7 +28,14 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+import torch.nn.functional as F
+from diffusers import (
+    IFPipeline,
+    IFSuperResolutionPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 
 from hrkernels import vae as vae_io
 from hrkernels._validate import check_int, describe
@@ -32,6 +43,9 @@ from hrkernels._validate import check_int, describe
 __all__ = [
     "ADAPTERS",
     "Conditioning",
+    "IFAdapter",
+    "IFSuperResolutionAdapter",
+    "SD3Adapter",
     "ModelCall",
     "PipelineAdapter",
     "SDXLAdapter",
@@ -99,6 +113,8 @@ class PipelineAdapter:
     pipeline_classes: ClassVar[tuple[type, ...]]
     # Whether micro_conditioning reads the views' crops (the engine builds them only then).
     uses_crops: ClassVar[bool] = False
+    # A pixel-space model (DeepFloyd IF): no VAE, its "latents" are the images in [-1, 1].
+    pixel_space: ClassVar[bool] = False
 
     def __init__(self, pipe: Any, sampler: str) -> None:
         self.pipe = pipe
@@ -134,6 +150,12 @@ class PipelineAdapter:
     def vae_scale_factor(self) -> int:
         """``f``: pixels per latent pixel (the VAE's scale factor; 1 for a pixel-space model)."""
         return int(getattr(self.pipe, "vae_scale_factor", vae_io.scale_factor(self.pipe.vae)))
+
+    @property
+    def size_multiple(self) -> int:
+        """Pixels an image side must be a multiple of for the model (``f``; SD3: ``f`` times the
+        transformer's patch size)."""
+        return self.vae_scale_factor
 
     @property
     def base_latent_size(self) -> int:
@@ -273,7 +295,8 @@ def check_prompt_arguments(sampler: str, prompts: dict[str, Any], num_images_per
                                          ("negative_prompt_embeds",
                                           "negative_pooled_prompt_embeds")):
             if prompts.get(embeds_name) is not None and prompts.get(pooled_name) is None:
-                raise ValueError(f"{sampler}: SDXL needs {pooled_name} with {embeds_name}")
+                raise ValueError(f"{sampler}: this model needs {pooled_name} with "
+                                 f"{embeds_name}")
     check_int(num_images_per_prompt, "num_images_per_prompt", minimum=1)
 
 
@@ -399,6 +422,223 @@ def register_adapter(adapter: type[PipelineAdapter]) -> None:
 
 register_adapter(StableDiffusionAdapter)
 register_adapter(SDXLAdapter)
+
+
+# --------------------------------------------------------------------------------------------------
+# DeepFloyd IF (pixel space) and SD3 (a transformer on flow matching): MegaFusion's other families
+# --------------------------------------------------------------------------------------------------
+
+
+def _only(prompts: dict[str, Any], allowed: tuple[str, ...], sampler: str, pipe: Any) -> None:
+    """Raise for a prompt argument the family does not take."""
+    given = [name for name, value in prompts.items() if value is not None and name not in allowed]
+    if given:
+        raise ValueError(f"{sampler}: {type(pipe).__name__} takes {', '.join(allowed)}; got "
+                         f"{', '.join(given)}")
+
+
+class IFAdapter(PipelineAdapter):
+    """DeepFloyd ``IFPipeline`` (stage I): a pixel-space UNet (``f = 1``: the "latents" are the
+    images ``[B, 3, h, w]`` in [-1, 1]) on T5 text embeddings; the UNet predicts the noise and a
+    learned variance, the adapter returns the noise part (the samplers step with DDIM, which takes
+    no variance).
+
+    Prompts are encoded with ``clean_caption=False`` (the pipeline's caption cleaning needs
+    ``bs4`` and ``ftfy``; pass cleaned prompts). Decoding is post-processing only; the pipeline's
+    safety checker and watermarker are not run (they are part of the pipeline's own ``__call__``).
+    """
+
+    family = "if"
+    pipeline_classes = (IFPipeline,)
+    pixel_space = True
+    _PROMPTS = ("prompt", "negative_prompt", "prompt_embeds", "negative_prompt_embeds")
+
+    def required_components(self) -> tuple[str, ...]:
+        return ("unet", "scheduler")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 1
+
+    @property
+    def text_width(self) -> int | None:
+        """``D`` of the T5 embeddings (``encoder_hid_dim``, else ``cross_attention_dim``)."""
+        config = self.model.config
+        return _config_width(config.encoder_hid_dim or config.cross_attention_dim)
+
+    def encode_prompts(self, *, guided: bool, size: tuple[int, int],
+                       num_images_per_prompt: int, **prompts: Any) -> Conditioning:
+        pipe, sampler = self.pipe, self.sampler
+        _only(prompts, self._PROMPTS, sampler, pipe)
+        check_prompt_arguments(sampler, prompts, num_images_per_prompt, self.text_width)
+        negative_embeds = prompts.get("negative_prompt_embeds")
+        if guided and negative_embeds is None and (pipe.text_encoder is None
+                                                   or pipe.tokenizer is None):
+            raise ValueError(f"{sampler}: this pipeline has no text encoder or tokenizer; with "
+                             "guidance_scale > 1 pass negative_prompt_embeds too")
+        embeds, negative = pipe.encode_prompt(
+            prompts.get("prompt"), guided, num_images_per_prompt=num_images_per_prompt,
+            device=self.device, negative_prompt=prompts.get("negative_prompt"),
+            prompt_embeds=prompts.get("prompt_embeds"), negative_prompt_embeds=negative_embeds,
+            clean_caption=False)
+        device, dtype = self.device, self.dtype
+        return Conditioning(
+            cond={"encoder_hidden_states": embeds.to(device, dtype)},
+            uncond={"encoder_hidden_states": negative.to(device, dtype)} if guided else None,
+        )
+
+    def model_input(self, call: ModelCall) -> torch.Tensor:
+        """The UNet's input rows (stage I: the sample itself)."""
+        return call.sample
+
+    def denoise(self, call: ModelCall) -> torch.Tensor:
+        prediction = self.model(self.model_input(call), call.timestep,
+                                encoder_hidden_states=call.text["encoder_hidden_states"],
+                                class_labels=call.text.get("class_labels"), return_dict=False)[0]
+        return prediction[:, :call.sample.shape[1]]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return images.float()
+
+    def to_images(self, latents: torch.Tensor, output_type: str) -> Any:
+        if output_type == "latent":
+            raise ValueError(f"{self.sampler}: output_type='latent' does not apply to the "
+                             "pixel-space DeepFloyd IF; use 'pt', 'np' or 'pil'")
+        from diffusers.image_processor import VaeImageProcessor
+
+        return VaeImageProcessor(vae_scale_factor=1, do_resize=False).postprocess(
+            latents, output_type=output_type)
+
+
+def image_condition_key(height: int, width: int) -> str:
+    """The :class:`Conditioning` entry of IF stage II's low-resolution image at a sample size."""
+    return f"image_{height}x{width}"
+
+
+class IFSuperResolutionAdapter(IFAdapter):
+    """DeepFloyd ``IFSuperResolutionPipeline`` (stage II): as :class:`IFAdapter`, and the UNet
+    also takes a low-resolution image, upscaled (bilinear, corners aligned) to the sample's size
+    and noised to ``noise_level`` with the pipeline's ``image_noising_scheduler``, concatenated
+    to the sample's channels, and ``noise_level`` as its class label (as the pipeline's
+    ``__call__``). :meth:`add_image_condition` puts both in the :class:`Conditioning`, one
+    upscaled image per sample size, before the engine builds its rows.
+    """
+
+    family = "if-sr"
+    pipeline_classes = (IFSuperResolutionPipeline,)
+
+    def required_components(self) -> tuple[str, ...]:
+        return ("unet", "scheduler", "image_noising_scheduler")
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the sample (half the UNet's input: the other half is the image)."""
+        return int(self.model.config.in_channels) // 2
+
+    def add_image_condition(self, cond: Conditioning, image: torch.Tensor,
+                            sizes: list[tuple[int, int]], noises: list[torch.Tensor],
+                            noise_level: int) -> None:
+        """Add the low-resolution ``image`` (``[B, 3, h, w]`` in [-1, 1], on the device) upscaled
+        to every sample size in ``sizes`` and noised with ``noises`` (one ``[B, 3, H, W]`` per
+        size) to ``noise_level``, and the class labels, to both branches of ``cond``."""
+        levels = torch.full((image.shape[0],), noise_level, dtype=torch.long, device=self.device)
+        entries: dict[str, torch.Tensor] = {"class_labels": levels}
+        noising = self.pipe.image_noising_scheduler
+        for (height, width), noise in zip(sizes, noises, strict=True):
+            upscaled = F.interpolate(image.float(), (height, width), mode="bilinear",
+                                     align_corners=True)
+            noised = noising.add_noise(upscaled, noise, levels)
+            entries[image_condition_key(height, width)] = noised.to(self.device, self.dtype)
+        cond.cond.update(entries)
+        if cond.uncond is not None:
+            cond.uncond.update(entries)
+
+    def model_input(self, call: ModelCall) -> torch.Tensor:
+        image = call.text.get(image_condition_key(*call.sample.shape[2:]))
+        if image is None:
+            raise RuntimeError(f"{self.sampler}: IF stage II needs its low-resolution image at "
+                               f"{tuple(call.sample.shape[2:])}; add_image_condition() first")
+        return torch.cat([call.sample, image], dim=1)
+
+
+class SD3Adapter(PipelineAdapter):
+    """``StableDiffusion3Pipeline``: an MMDiT transformer (``pipe.transformer``) on flow matching
+    (``FlowMatchEulerDiscreteScheduler``), 16-channel VAE latents scaled with ``shift_factor``
+    (handled by :mod:`hrkernels.vae`), three text encoders (the T5 one may be absent: the pipeline
+    then uses zeros) giving ``encoder_hidden_states`` ``[B, L, D]`` and ``pooled_projections``
+    ``[B, P]``. The transformer takes one timestep per row (the flow's ``sigma * 1000``).
+    """
+
+    family = "sd3"
+    pipeline_classes = (StableDiffusion3Pipeline,)
+    _PROMPTS = ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2", "prompt_embeds",
+                "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+
+    def required_components(self) -> tuple[str, ...]:
+        return ("transformer", "vae", "scheduler")
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The denoiser (the transformer)."""
+        return self.pipe.transformer
+
+    @property
+    def text_width(self) -> int | None:
+        return int(self.model.config.joint_attention_dim)
+
+    @property
+    def pooled_width(self) -> int:
+        return int(self.model.config.pooled_projection_dim)
+
+    @property
+    def size_multiple(self) -> int:
+        return self.vae_scale_factor * int(self.model.config.patch_size)
+
+    @property
+    def model_channels(self) -> int:
+        """The transformer's width per latent pixel (``inner_dim / patch_size^2``), standing in
+        for a UNet's first-level channels in ``view_batch_size="auto"``'s estimate (not measured
+        for SD3)."""
+        config = self.model.config
+        return int(config.num_attention_heads * config.attention_head_dim
+                   // config.patch_size ** 2)
+
+    def encode_prompts(self, *, guided: bool, size: tuple[int, int],
+                       num_images_per_prompt: int, **prompts: Any) -> Conditioning:
+        _only(prompts, self._PROMPTS, self.sampler, self.pipe)
+        check_prompt_arguments(self.sampler, prompts, num_images_per_prompt, self.text_width,
+                               self.pooled_width)
+        embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
+            prompt=prompts.get("prompt"), prompt_2=prompts.get("prompt_2"), prompt_3=None,
+            device=self.device, num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=guided, negative_prompt=prompts.get("negative_prompt"),
+            negative_prompt_2=prompts.get("negative_prompt_2"),
+            prompt_embeds=prompts.get("prompt_embeds"),
+            negative_prompt_embeds=prompts.get("negative_prompt_embeds"),
+            pooled_prompt_embeds=prompts.get("pooled_prompt_embeds"),
+            negative_pooled_prompt_embeds=prompts.get("negative_pooled_prompt_embeds"))
+        device, dtype = self.device, self.dtype
+        return Conditioning(
+            cond={"encoder_hidden_states": embeds.to(device, dtype),
+                  "pooled_projections": pooled.to(device, dtype)},
+            uncond={"encoder_hidden_states": negative.to(device, dtype),
+                    "pooled_projections": negative_pooled.to(device, dtype)} if guided else None,
+        )
+
+    def denoise(self, call: ModelCall) -> torch.Tensor:
+        rows = call.sample.shape[0]
+        return self.model(hidden_states=call.sample, timestep=call.timestep.expand(rows),
+                          encoder_hidden_states=call.text["encoder_hidden_states"],
+                          pooled_projections=call.text["pooled_projections"],
+                          return_dict=False)[0]
+
+
+register_adapter(IFAdapter)
+register_adapter(IFSuperResolutionAdapter)
+register_adapter(SD3Adapter)
 
 
 def adapter_for(pipe: Any, sampler: str,

@@ -10,18 +10,23 @@
   method's step function, the non-finite watch, the callback and the progress bar.
 * :class:`Run` -- what one sampler call shares across its stages (adapter, engine, generator,
   guidance, step options, callback, progress).
+* Between stages: :func:`relay` (a latent through pixels to another size: FreeScale, MegaFusion)
+  and :func:`stage_patches` (a stage's specs active in a configuration of the sampler's own).
 
 Randomness comes only from the call's generator (:func:`randn`, :func:`resolve_generator`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from hrkernels import patching
 from hrkernels._validate import check_int
 from hrkernels.patching import is_patched, set_step
 from hrkernels.samplers.engine import Engine, Guidance, ViewSet
@@ -41,8 +46,11 @@ __all__ = [
     "StepState",
     "global_stats",
     "randn",
+    "relay",
+    "resize_pixels",
     "resolve_generator",
     "run_stage",
+    "stage_patches",
     "stage_schedule",
 ]
 
@@ -371,3 +379,45 @@ def run_stage(run: Run, stage: int, size: tuple[int, int], schedule: StageSchedu
         bar.close()
     watch.check()
     return z
+
+
+# --------------------------------------------------------------------------------------------------
+# Between stages
+# --------------------------------------------------------------------------------------------------
+
+
+def resize_pixels(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Images ``[B, 3, H, W]`` bicubic-resized to ``size`` (pixels, ``(height, width)``) on their
+    device, in float32, clamped to [-1, 1]."""
+    resized = F.interpolate(images.float(), size=size, mode="bicubic", align_corners=False)
+    return resized.clamp_(-1, 1)
+
+
+def relay(run: Run, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A stage's (clean) latent handed to a stage of another size through pixels: decode
+    (:meth:`PipelineAdapter.decode`: the tiled VAE; a pixel-space model's latents are its pixels),
+    :func:`resize_pixels` to ``size`` (pixels), encode (the VAE posterior sampled from the run's
+    generator; a pixel-space model takes the pixels as they are). No host round trip.
+
+    ``latents``: ``[B, C, h, w]``; returns float32 ``[B, C, H / f, W / f]`` for ``size = (H, W)``.
+    """
+    images = resize_pixels(run.adapter.decode(latents), size)
+    return run.adapter.encode(images, run.generator)
+
+
+@contextlib.contextmanager
+def stage_patches(model: torch.nn.Module, specs: Sequence[Any], variant: str) -> Iterator[None]:
+    """``specs`` patched into ``model``'s configuration ``variant`` and active for the block; the
+    model's patches and active configuration as they were afterwards, also on an exception."""
+    installed = False
+    previous = None
+    try:
+        patching.patch(model, list(specs), variant=variant)
+        installed = True
+        previous = patching.set_variant(model, variant)
+        yield
+    finally:
+        if previous is not None:
+            patching.set_variant(model, previous)
+        if installed:
+            patching.unpatch(model, variant=variant)

@@ -89,3 +89,36 @@ def test_generate_freescale_from_an_image(tmp_path, capsys):
                   "--image", str(source), "--out", str(out)])
     assert run(args) == 2
     assert "--image: apt takes no input image" in capsys.readouterr().err
+
+
+def test_generate_megafusion_on_tiny_if_sd3_and_if_sr(tmp_path, capsys):
+    out = tmp_path / "mf.png"
+    args = parse(["--model", "tiny-if", "--method", "megafusion", "--prompt", "a cat",
+                  "--height", "32", "--width", "24", "--stages", "16:2,24:1,32:1", "--mega-plus",
+                  "--previews", str(tmp_path / "stages"), "--out", str(out)])
+    assert run(args) == 0
+    assert Image.open(out).size == (24, 32)
+    assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == [
+        "stage_1_16x16.png", "stage_2_16x24.png", "stage_3_24x32.png"]
+    args = parse(["--model", "tiny-if-sr", "--method", "megafusion", "--prompt", "a cat",
+                  "--steps", "2", "--image", str(out), "--out", str(out)])
+    assert run(args) == 0
+    assert Image.open(out).size == (64, 64)
+    args = parse(["--model", "tiny-sd3", "--method", "megafusion", "--prompt", "a cat",
+                  "--steps", "3", "--out", str(out)])
+    assert run(args) == 0
+    assert Image.open(out).size == (256, 256)
+    capsys.readouterr()
+    for options, message in (
+            (["--stages", "128:2;256:1"], "SIZE:STEPS"),
+            (["--stages", "256:1,128:2"], "ascending"),
+            (["--steps", "4", "--stages", "128:2,256:1"], "sum to 3"),
+            (["--mega-plus", "--model", "tiny-sd3"], "mega_plus")):
+        args = parse(["--model", "tiny-sdxl", "--method", "megafusion", "--prompt", "a cat",
+                      "--out", str(out), *options])
+        assert run(args) == 2
+        assert message in capsys.readouterr().err
+    args = parse(["--model", "tiny-sdxl", "--method", "apt", "--prompt", "a cat", "--steps", "1",
+                  "--stages", "128:1,256:1", "--out", str(out)])
+    assert run(args) == 2
+    assert "--stages: apt takes no stages" in capsys.readouterr().err
