@@ -11,6 +11,7 @@ Each rank saves what it computed; the test process computes the one-process refe
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -96,7 +97,22 @@ def _worker(rank: int, world: int, init_file: str, out: str, pipes: dict) -> Non
     torch.set_num_threads(1)
     comm = hrkernels.distributed.init("gloo", init_method=f"file://{init_file}", rank=rank,
                                       world_size=world, timeout=TIMEOUT)
-    torch.save(_run_checks(pipes, rank, comm), Path(out) / f"rank{rank}.pt")
+    results = _run_checks(pipes, rank, comm)
+    path = Path(out) / f"rank{rank}.pt"
+
+    # Last: rank 1 dies without a word (as if killed) in stage 2; the others must not hang.
+    def vanish(stage, step, timestep, z):
+        if rank == 1 and stage == 2:
+            torch.save(results, path)
+            os._exit(0)  # exit status 0: the launcher leaves the other ranks running
+
+    started = time.perf_counter()
+    try:
+        _generate(DemoFusion(pipes["sdxl"], view_batch_size=2, parallel="views"), 256, 256,
+                  callback_on_step_end=vanish)
+    except Exception as error:  # noqa: BLE001
+        results["lost"] = (type(error).__name__, str(error), time.perf_counter() - started)
+    torch.save(results, path)
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +212,15 @@ def test_a_rank_that_raises_stops_the_others_naming_it(group):
         assert kind == "RankFailedError", message
         assert "rank 1 failed during DemoFusion" in message and "boom on purpose" in message
         assert seconds < TIMEOUT / 2
+
+
+def test_a_rank_that_vanishes_stops_the_others(group):
+    world, ranks = group
+    for rank in [0] + list(range(2, world)):
+        kind, message, seconds = ranks[rank]["lost"]
+        assert kind == "RankLostError", message
+        assert f"rank {rank} lost the other ranks during DemoFusion" in message
+        assert seconds < TIMEOUT / 2  # gloo sees the closed connection at once
 
 
 # --------------------------------------------------------------------------------------------------

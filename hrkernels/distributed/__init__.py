@@ -142,21 +142,29 @@ def init(backend: str | None = None, *, timeout: float | None = None,
     import torch
     import torch.distributed as dist
 
-    if backend is None:
+    if _initialized():  # the caller's own process group: its backend
+        backend = dist.get_backend()
+    elif backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend not in ("nccl", "gloo"):
         raise ValueError(f'backend must be "nccl", "gloo" or None; got {backend!r}')
-    seconds = check_real(float(os.environ.get("HRKERNELS_DIST_TIMEOUT", DEFAULT_TIMEOUT))
-                         if timeout is None else timeout, "timeout (seconds)", greater_than=0)
+    if timeout is None:
+        timeout = os.environ.get("HRKERNELS_DIST_TIMEOUT", DEFAULT_TIMEOUT)
+        try:
+            timeout = float(timeout)
+        except ValueError:
+            raise ValueError("HRKERNELS_DIST_TIMEOUT must be a number of seconds; got "
+                             f"{timeout!r}") from None
+    seconds = check_real(timeout, "timeout (seconds)", greater_than=0)
     limit = timedelta(seconds=seconds)
     options: dict[str, Any] = {"backend": backend, "timeout": limit}
     if init_method is not None:
         options.update(init_method=init_method, rank=rank, world_size=size)
-    if backend == "nccl":
-        device = torch.device("cuda", local_rank())
-        torch.cuda.set_device(device)
-        options["device_id"] = device
     if not _initialized():
+        if backend == "nccl":
+            device = torch.device("cuda", local_rank())
+            torch.cuda.set_device(device)
+            options["device_id"] = device
         dist.init_process_group(**options)
     control = dist.new_group(backend="gloo", timeout=limit) if backend == "nccl" else None
     _COMMUNICATOR = Communicator(None, control, limit)

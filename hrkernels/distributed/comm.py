@@ -7,9 +7,10 @@ Every exchange is two collectives:
    shapes)`` (or, from :meth:`Communicator.session`'s error path, ``("failed", message)``). Every
    rank thus learns, on the host and without a device synchronisation, whether a peer failed
    (then all raise, naming it) and the shapes and dtypes of every rank's items;
-2. a **data** ``all_gather_into_tensor`` of one byte buffer per rank (each rank's items packed,
-   16-byte aligned, padded to the longest rank's bytes) on the data group (NCCL on CUDA, gloo on
-   the CPU). The items come back as views of the gathered buffer, bit for bit as sent.
+2. a **data** ``all_gather_single`` (``all_gather_into_tensor`` before torch 2.13) of one byte
+   buffer per rank (each rank's items packed, 16-byte aligned, padded to the longest rank's bytes)
+   on the data group (NCCL on CUDA, gloo on the CPU). The items come back as views of the
+   gathered buffer, bit for bit as sent.
 
 A rank that raises inside :meth:`Communicator.session` joins its peers' next control collective
 with its error, so they raise :class:`RankFailedError` naming it (instead of waiting); a rank that
@@ -114,6 +115,8 @@ class Communicator:
         import torch.distributed as dist
 
         self._dist = dist
+        # torch 2.13 renames all_gather_into_tensor (deprecated there) to all_gather_single.
+        self._all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         self.group = group
         self.control_group = control_group if control_group is not None else group
         self.rank = dist.get_rank(group)
@@ -130,6 +133,10 @@ class Communicator:
 
     # -- the control collective -------------------------------------------------------------------
 
+    def _context(self, what: str) -> str:
+        """``what`` within the current session (for messages)."""
+        return what if self._session in (None, what) else f"{self._session} ({what})"
+
     def _control(self, status: tuple, what: str) -> list[tuple]:
         statuses: list[Any] = [None] * self.world_size
         started = time.perf_counter()
@@ -139,14 +146,14 @@ class Communicator:
             elapsed = time.perf_counter() - started
             reason = " ".join(str(error).split())[:300]
             raise RankLostError(
-                f"hrkernels.distributed: rank {self.rank} lost the other ranks during {what} "
+                f"hrkernels.distributed: rank {self.rank} lost the other ranks during "
+                f"{self._context(what)} "
                 f"after {elapsed:.1f} s (a rank was killed or crashed without reporting, or is "
                 f"stuck past the timeout {self.timeout}); see the other ranks' output. Cause: "
                 f"{reason}") from error
         failures = {rank: s[1] for rank, s in enumerate(statuses) if s[0] == "failed"}
         if failures and status[0] != "failed":
-            context = what if self._session in (None, what) else f"{self._session} ({what})"
-            raise RankFailedError(self.rank, context, failures)
+            raise RankFailedError(self.rank, self._context(what), failures)
         kinds = {(s[0], s[1]) for s in statuses if s[0] != "failed"}
         if status[0] != "failed" and len(kinds) > 1:
             listed = ", ".join(f"rank {rank}: {s[0]} {s[1]}" for rank, s in enumerate(statuses))
@@ -227,10 +234,10 @@ class Communicator:
             events[0].record()
         started = time.perf_counter()
         try:
-            self._dist.all_gather_into_tensor(received, send, group=self.group)
+            self._all_gather(received, send, group=self.group)
         except Exception as error:
             raise RankLostError(f"hrkernels.distributed: rank {self.rank}: the data collective of "
-                                f"{what} failed: {error}") from error
+                                f"{self._context(what)} failed: {error}") from error
         if timing:
             events[1].record()
             record.events = events
@@ -243,7 +250,7 @@ class Communicator:
             views = []
             for (shape, dtype), offset in zip(status[2], layouts[rank][0], strict=True):
                 dtype = getattr(torch, dtype)
-                nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+                nbytes = _numel(shape) * dtype.itemsize
                 chunk = received[base + offset:base + offset + nbytes]
                 views.append(chunk.view(dtype).view(shape))
             result.append(views)
@@ -263,6 +270,6 @@ def _layout(specs: Sequence[tuple[tuple[int, ...], str]]) -> tuple[list[int], in
     offsets, total = [], 0
     for shape, dtype in specs:
         offsets.append(total)
-        nbytes = _numel(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        nbytes = _numel(shape) * getattr(torch, dtype).itemsize
         total += -(-nbytes // ALIGNMENT) * ALIGNMENT
     return offsets, total

@@ -24,7 +24,7 @@ holds the same latent.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 
 import torch
@@ -68,16 +68,18 @@ class ParallelExecutor:
         """:meth:`Communicator.session`: a sampler call every rank makes in step."""
         return self.comm.session(what)
 
+    def parts(self, call: ModelCall) -> int:
+        """Units of a call: its guidance branches for ``"cfg"``, else 1 (the whole call)."""
+        return max(1, len(call.branches)) if self.parallel == "cfg" else 1
+
     def units(self, calls: Sequence[ModelCall]) -> list[tuple[int, slice | None]]:
         """``(call index, rows or None for the whole call)`` of every unit, in order."""
         units: list[tuple[int, slice | None]] = []
         for index, call in enumerate(calls):
-            parts = len(call.branches) if self.parallel == "cfg" else 1
-            if parts <= 1:
-                units.append((index, None))
-                continue
+            parts = self.parts(call)
             rows = call.sample.shape[0] // parts
-            units.extend((index, slice(part * rows, (part + 1) * rows)) for part in range(parts))
+            units.extend((index, None if parts == 1 else slice(part * rows, (part + 1) * rows))
+                         for part in range(parts))
         return units
 
     def share(self, count: int, rank: int | None = None) -> range:
@@ -99,8 +101,8 @@ class ParallelExecutor:
         gathered = [item for items in self.comm.exchange(outputs, "model calls", device)
                     for item in items]
         position = 0
-        for index in range(len(calls)):
-            parts = sum(1 for _ in _same_call(units, position, index))
+        for index, call in enumerate(calls):
+            parts = self.parts(call)
             pieces = gathered[position:position + parts]
             consume(index, pieces[0] if parts == 1 else torch.cat(pieces))
             position += parts
@@ -110,9 +112,3 @@ class ParallelExecutor:
         """The current session's exchanges."""
         return self.comm.stats
 
-
-def _same_call(units: list[tuple[int, slice | None]], start: int, index: int) -> Iterator[int]:
-    position = start
-    while position < len(units) and units[position][0] == index:
-        yield position
-        position += 1
