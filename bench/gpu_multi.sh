@@ -10,6 +10,8 @@
 #   views:   DemoFusion 4096^2 and APT 4096^2, parallel=views on 1, 2 (and 4 where there are 4 GPUs)
 #   cfg:     FreeScale 4096^2 and ScaleCrafter 2048^2, parallel=cfg on 1 and 2
 #   prompts: $PROMPTS (16) DemoFusion 2048^2 images on 1 and on every GPU (images per minute)
+#   hybrid:  DemoFusion 4096^2 parallel=cfg on 2 and 4 (branches and views together: finer units
+#            than whole calls, to float rounding of one GPU; see NOTES.md, "multi-GPU")
 #
 # Environment: STEPS (50), VIEW_BATCH (9: 4096^2 SDXL has 13, 34 and 65 views per step in its
 # stages; batches of 9 give 2, 4 and 8 calls, which 2 and 4 ranks share evenly), PROMPTS (16),
@@ -52,7 +54,7 @@ else
 fi
 RUNS="$OUT/multi_gpu_runs.jsonl"
 REFS="${TMPDIR:-/tmp}/hrkernels-multi-gpu-references"
-mkdir -p "$REFS"
+rm -rf "$REFS"; mkdir -p "$REFS"   # baselines of this invocation only
 status=0
 
 # launch NPROC MODE ARGS...: one torchrun launch of the benchmark module.
@@ -64,13 +66,15 @@ launch() {
   status=$((status | ${PIPESTATUS[0]}))
 }
 
-# scaling METHOD SIZE MODE COUNTS...: the one-GPU baseline, then MODE on each count.
+# scaling METHOD SIZE MODE COUNTS...: the one-GPU baseline (once per invocation), then MODE on
+# each count.
 scaling() {
   local method=$1 size=$2 mode=$3; shift 3
-  local ref="$REFS/${method}_${size}_${STEPS}.pt"
-  rm -f "$ref"
-  launch 1 image --method "$method" --size "$size" --parallel none \
-    --view-batch-size "$VIEW_BATCH" --reference "$ref"
+  local ref="$REFS/${method}_${size}_${STEPS}_${VIEW_BATCH}.pt"
+  if [ ! -f "$ref" ]; then
+    launch 1 image --method "$method" --size "$size" --parallel none \
+      --view-batch-size "$VIEW_BATCH" --reference "$ref"
+  fi
   for n in "$@"; do
     if [ "$n" -le "$GPUS" ]; then
       launch "$n" image --method "$method" --size "$size" --parallel "$mode" \
@@ -90,6 +94,9 @@ for stage in "$@"; do
       scaling freescale "$FREESCALE_SIZE" cfg 2
       scaling scalecrafter "$SCALECRAFTER_SIZE" cfg 2
       ;;
+    hybrid)
+      scaling demofusion "$VIEWS_SIZE" cfg 2 4
+      ;;
     prompts)
       launch 1 prompts --method demofusion --size "$PROMPTS_SIZE" --prompts "$PROMPTS" \
         --view-batch-size "$VIEW_BATCH"
@@ -97,7 +104,7 @@ for stage in "$@"; do
         --view-batch-size "$VIEW_BATCH"
       ;;
     *)
-      echo "unknown stage $stage (views, cfg, prompts)"; status=1
+      echo "unknown stage $stage (views, cfg, hybrid, prompts)"; status=1
       ;;
   esac
 done
