@@ -242,6 +242,43 @@ def test_init_is_a_no_op_in_one_process(monkeypatch, sdxl):
         DemoFusion(sdxl, parallel="views")
 
 
+def test_select_rows_cuts_every_per_row_input():
+    from hrkernels.samplers.pipelines import ModelCall
+
+    rows = torch.arange(6.0).view(6, 1, 1, 1)
+    call = ModelCall(rows, torch.tensor(5.0), {"encoder_hidden_states": torch.arange(6.0)[:, None]},
+                     {"time_ids": torch.arange(12.0).view(6, 2)}, "base", ("uncond", "cond"))
+    cond = call.select_rows(slice(3, 6))
+    assert cond.branches == ("cond",) and cond.variant == "base" and cond.timestep is call.timestep
+    assert cond.sample.flatten().tolist() == [3.0, 4.0, 5.0]
+    assert cond.text["encoder_hidden_states"].flatten().tolist() == [3.0, 4.0, 5.0]
+    assert cond.micro["time_ids"][:, 0].tolist() == [6.0, 8.0, 10.0]
+    assert call.select_rows(slice(1, 3)).branches == ()  # rows across the branch blocks
+
+
+def test_auto_view_batches_balance_the_ranks(sdxl):
+    from hrkernels.samplers.engine import CFG, Engine, choose_view_batch
+    from hrkernels.samplers.pipelines import adapter_for
+
+    # 4096^2 SDXL: 13, 34, 65 views per step; 4 ranks share batches of 9 (2, 4, 8 calls) evenly.
+    assert choose_view_batch([13, 34, 65], 16) == 13
+    assert choose_view_batch([13, 34, 65], 16, concurrency=4) == 9
+
+    class FourRanks:
+        concurrency = 4.0
+
+    adapter = adapter_for(sdxl, "test")
+    cond = adapter.encode_prompts(guided=True, size=(256, 256), num_images_per_prompt=1,
+                                  prompt="a cat", negative_prompt="blurry")
+    counts = {(16, 16): [13, 34, 65]}
+    # "auto" on a CPU: at most 8 views. One process: k = 7 (2 + 5 + 10 calls of 8 view-costs,
+    # 136); 4 ranks: k = 6 (3, 6, 11 calls: 1 + 2 + 3 rounds of 7, 42; k = 5 ties, the larger wins).
+    assert Engine(adapter, cond, FourRanks()).plan(counts, "auto", CFG(5.0)) == {(16, 16): 6}
+    assert Engine(adapter, cond).plan(counts, "auto", CFG(5.0)) == {(16, 16): 7}
+    # An int gives the batches of one process (bitwise comparable runs).
+    assert Engine(adapter, cond, FourRanks()).plan(counts, 16, CFG(5.0)) == {(16, 16): 13}
+
+
 def test_prompt_parallel_writes_each_image_once_and_resumes(tmp_path, monkeypatch):
     from hrkernels.cli import main
 
