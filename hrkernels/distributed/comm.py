@@ -57,7 +57,8 @@ class CommRecord:
     """One exchange: what it carried, the bytes this rank sent (its packed buffer, padding
     included) and received (the other ranks' buffers), and the seconds of its control collective
     (host clock) and data collective (host clock on the CPU; CUDA events on a GPU, read by
-    :meth:`CommStats.summary`)."""
+    :meth:`CommStats.summary`). Both include the wait for the slowest rank (an imbalance of the
+    shares shows there)."""
 
     what: str
     sent_bytes: int
