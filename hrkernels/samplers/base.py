@@ -300,22 +300,21 @@ class Sampler:
         method = dict(method_options or {})
         self.check_call(sizes, num_inference_steps, options, **method)
         progress = progress and getattr(self.executor, "is_main", True)  # rank 0's bars only
+        adapter = self.adapter
+        generator = resolve_generator(generator, adapter.device)
+        cond = adapter.encode_prompts(
+            guided=uses_uncond(guidance), size=(height, width),
+            num_images_per_prompt=num_images_per_prompt, prompt=prompt, prompt_2=prompt_2,
+            negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+        )
+        run = Run(sampler=self.name, adapter=adapter, engine=Engine(adapter, cond, self.executor),
+                  guidance=guidance, generator=generator, num_inference_steps=num_inference_steps,
+                  step_options=options, callback=callback_on_step_end, progress=progress,
+                  num_stages=len(sizes), options=method)
         with self._in_step() as exchanges:
-            adapter = self.adapter
-            generator = resolve_generator(generator, adapter.device)
-            cond = adapter.encode_prompts(
-                guided=uses_uncond(guidance), size=(height, width),
-                num_images_per_prompt=num_images_per_prompt, prompt=prompt, prompt_2=prompt_2,
-                negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
-                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                pooled_prompt_embeds=pooled_prompt_embeds,
-                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            )
-            run = Run(sampler=self.name, adapter=adapter,
-                      engine=Engine(adapter, cond, self.executor), guidance=guidance,
-                      generator=generator, num_inference_steps=num_inference_steps,
-                      step_options=options, callback=callback_on_step_end, progress=progress,
-                      num_stages=len(sizes), options=method)
             with _step_kept(adapter.model):
                 stages = self.generate(run, sizes)
             if decode_stages:
@@ -324,16 +323,14 @@ class Sampler:
                 images = stages[-1].images
             else:
                 images = adapter.to_images(stages[-1].latents, output_type)
-            output = SamplerOutput(images=images, stages=stages, latents=stages[-1].latents,
-                                   unet_calls=dict(run.engine.calls), plan=list(run.plan))
-        if exchanges is not None:
-            output.communication = exchanges.summary()
-        return output
+        return SamplerOutput(images=images, stages=stages, latents=stages[-1].latents,
+                             unet_calls=dict(run.engine.calls), plan=list(run.plan),
+                             communication=None if exchanges is None else exchanges.summary())
 
     def _in_step(self) -> contextlib.AbstractContextManager[Any]:
-        """The ranks of a parallel executor in step for one call (its ``session``: an error on
-        one rank stops the others, naming it; yields the call's exchange statistics), else
-        nothing (yields None)."""
+        """The ranks of a parallel executor in step for the stages and the decoding (its
+        ``session``: an error on one rank stops the others, naming it; yields the call's exchange
+        statistics), else nothing (yields None)."""
         session = getattr(self.executor, "session", None)
         return contextlib.nullcontext() if session is None else session(self.name)
 
