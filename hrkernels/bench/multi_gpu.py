@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="JSON lines file (rank 0)")
     args = parser.parse_args(argv)
     batch = args.view_batch_size if args.view_batch_size == "auto" else int(args.view_batch_size)
-    distributed.init()
+    distributed.init("gloo" if args.tiny else "nccl")
     if args.mode == "image":
         reference = args.reference or args.out.with_suffix(".reference.pt")
         result = run_image(args.method, args.size, args.steps,

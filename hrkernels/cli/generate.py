@@ -277,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
     options = _sampler_options(args, sampler_class)
     call_options = _call_options(args, sampler_class)
     if distributed.world_size() > 1:
-        distributed.init()
+        distributed.init("nccl" if device.startswith("cuda") else "gloo")
         options["parallel"] = args.parallel or sampler_class.parallel_modes[0]
     pipe = load_pipeline(args.model, device, dtype)
     sampler = sampler_class(pipe, **options)

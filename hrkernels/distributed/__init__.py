@@ -31,7 +31,7 @@ import os
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from hrkernels._validate import check_real
+from hrkernels._validate import check_int, check_real
 from hrkernels.distributed.comm import (
     CommRecord,
     CommStats,
@@ -136,9 +136,12 @@ def init(backend: str | None = None, *, timeout: float | None = None,
     global _COMMUNICATOR
     if _COMMUNICATOR is not None:
         return _COMMUNICATOR
-    size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
+    size = check_int(_env_int("WORLD_SIZE", 1) if world_size is None else world_size,
+                     "world_size (WORLD_SIZE)", minimum=1)
     if size == 1:
         return None
+    if rank is not None:
+        check_int(rank, "rank", minimum=0, maximum=size - 1)
     import torch
     import torch.distributed as dist
 
@@ -176,8 +179,9 @@ def executor_for(parallel: str, device: Any) -> ParallelExecutor | None:
     executor does the same work).
 
     Raises:
-        RuntimeError: ``WORLD_SIZE`` > 1 but :func:`init` was not called; NCCL and a model on
-            another device than this rank's GPU.
+        RuntimeError: ``WORLD_SIZE`` > 1 but :func:`init` was not called; a backend that does
+            not fit the device (NCCL for CUDA, gloo for the CPU); a model on another GPU than this
+            rank's.
     """
     comm = _COMMUNICATOR
     if comm is None:
@@ -191,6 +195,10 @@ def executor_for(parallel: str, device: Any) -> ParallelExecutor | None:
     from hrkernels.distributed.executor import ParallelExecutor
 
     device = torch.device(device)
+    if (comm.backend == "nccl") != (device.type == "cuda"):
+        raise RuntimeError(f"parallel={parallel!r}: the pipeline is on {device} but the process "
+                           f"group's backend is {comm.backend}; use NCCL with CUDA pipelines and "
+                           "gloo with CPU ones (hrkernels.distributed.init(backend=...))")
     if device.type == "cuda" and device.index not in (None, torch.cuda.current_device()):
         raise RuntimeError(f"parallel={parallel!r}: the pipeline is on {device} but rank "
                            f"{comm.rank} uses cuda:{torch.cuda.current_device()} (LOCAL_RANK); "

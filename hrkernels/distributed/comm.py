@@ -122,6 +122,7 @@ class Communicator:
         self.control_group = control_group if control_group is not None else group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        self.backend = str(dist.get_backend(group))
         self.timeout = timeout
         self.stats = CommStats()
         self._depth = 0
