@@ -50,7 +50,7 @@ else
     --format=csv | tee -a "$OUT/info.txt"
   nvidia-smi topo -m | tee -a "$OUT/info.txt"
   python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
-'NCCL', '.'.join(map(str, torch.cuda.nccl.version())))" | tee -a "$OUT/info.txt"
+'NCCL', torch.cuda.nccl.version())" | tee -a "$OUT/info.txt"
 fi
 RUNS="$OUT/multi_gpu_runs.jsonl"
 REFS="${TMPDIR:-/tmp}/hrkernels-multi-gpu-references"

@@ -155,8 +155,9 @@ def run_prompts(method: str, size: int, steps: int, prompts: int, view_batch_siz
 def _environment() -> dict[str, Any]:
     info: dict[str, Any] = {"torch": torch.__version__}
     if torch.cuda.is_available():
+        nccl = torch.cuda.nccl.version()  # a tuple; an int in old releases
         info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
-                    nccl=".".join(map(str, torch.cuda.nccl.version())))
+                    nccl=".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl))
     return info
 
 
