@@ -4,7 +4,8 @@ Layers (each imports only from the ones above it): ``hrkernels.ops`` (torch.libr
 kernels with PyTorch references), ``hrkernels.schedules`` (per-step math), ``hrkernels.nn``,
 ``hrkernels.patching`` (reversible UNet patches: ``patch``, ``unpatch``, ``set_step``,
 ``variant``), ``hrkernels.vae``, ``hrkernels.samplers`` (DemoFusion, APT, ScaleCrafter, FreeScale
-and MegaFusion) and the ``hrkernels`` command line (``hrkernels.cli``). The ops
+and MegaFusion), ``hrkernels.distributed`` (view-, CFG- and prompt-parallel sampling over
+``torch.distributed``) and the ``hrkernels`` command line (``hrkernels.cli``). The ops
 are inference-only (no backward). See docs/DESIGN.md in the repository for the conventions and
 docs/METHODS.md for the algorithms.
 """
@@ -29,7 +30,7 @@ __all__ += ["ReDilation", "ScaleFusion", "is_patched", "patch", "patched", "set_
             "set_variant", "unpatch", "variant"]
 
 # Imported on first use (`hrkernels.samplers` and `hrkernels.vae` pull in diffusers).
-_LAZY_SUBMODULES = ("presets", "samplers", "schedules", "vae")
+_LAZY_SUBMODULES = ("distributed", "presets", "samplers", "schedules", "vae")
 
 
 def __getattr__(name: str):

@@ -7,10 +7,19 @@ anywhere, and the images are noise by construction. Any other value is a local p
 loaded with ``DiffusionPipeline.from_pretrained``; it must be a pipeline the method supports (SD
 1.5/2.x, SDXL; MegaFusion also DeepFloyd IF stage I / II and SD3).
 
+Several processes (``torchrun``; docs/DESIGN.md, "Distributed"): with ``--prompt`` every rank
+works on the one image (``--parallel views`` or ``cfg``; rank 0 writes it); with ``--prompts FILE
+--out-dir DIR`` the lines are dealt out over the ranks (:mod:`hrkernels.distributed.prompts`),
+each rank writing its own images, and a rerun skips the images already written.
+
 Example::
 
     hrkernels generate --model stabilityai/stable-diffusion-xl-base-1.0 --method demofusion \\
         --prompt "a castle on a hill" --height 2048 --width 2048 --out castle.png --previews stages/
+    torchrun --nproc-per-node 4 -m hrkernels generate --model ... --method demofusion \\
+        --prompt "a castle on a hill" --height 4096 --width 4096 --out castle.png
+    torchrun --nproc-per-node 8 -m hrkernels generate --model ... --method apt \\
+        --prompts prompts.txt --out-dir out/
 """
 
 from __future__ import annotations
@@ -42,7 +51,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "noise images, no download)")
     parser.add_argument("--method", required=True, choices=sorted(SAMPLERS),
                         help="the high-resolution sampler")
-    parser.add_argument("--prompt", required=True, help="text prompt")
+    parser.add_argument("--prompt", default=None, help="text prompt (or --prompts)")
+    parser.add_argument("--prompts", type=Path, default=None,
+                        help="a file of prompts, one per line or a JSON object per line with "
+                             "prompt, negative_prompt, seed, height, width: one image per line "
+                             "into --out-dir (line<n>.png), dealt out over the ranks of a "
+                             "torchrun job; images already there are skipped")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="with --prompts: the folder of the images")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt")
     parser.add_argument("--height", type=int, default=None,
                         help="image height in pixels, a multiple of 8 (default: 2x the model's "
@@ -78,8 +94,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="megafusion: MegaFusion++ (mid block dilated, noise re-scheduled "
                              "above the base size)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--out", required=True, type=Path,
-                        help="output image file (.png); several images get _1, _2, ... suffixes")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output image file (.png); several images get _1, _2, ... suffixes "
+                             "(with --prompt)")
+    parser.add_argument("--parallel", choices=("views", "cfg"), default=None,
+                        help="under torchrun with --prompt: share every step's views "
+                             "(demofusion, apt; the default for them) or guidance branches "
+                             "(every method; the default for the others) across the ranks")
     parser.add_argument("--previews", type=Path, default=None,
                         help="directory for every stage's decoded preview "
                              "(stage_<s>_<width>x<height>.png)")
@@ -230,22 +251,68 @@ def _call_options(args: argparse.Namespace, sampler: type) -> dict[str, Any]:
         raise ValueError(f"--image: cannot read {args.image}: {error}") from None
 
 
+def _check_modes(args: argparse.Namespace, sampler: type) -> None:
+    """One image (``--prompt``, ``--out``) or a prompt file (``--prompts``, ``--out-dir``)."""
+    if (args.prompt is None) == (args.prompts is None):
+        raise ValueError("pass exactly one of --prompt (one image, --out) and --prompts (a file "
+                         "of prompts, --out-dir)")
+    if args.prompt is not None:
+        if args.out is None:
+            raise ValueError("--prompt needs --out (the image file)")
+        if args.out_dir is not None:
+            raise ValueError("--out-dir goes with --prompts; with --prompt name the file with "
+                             "--out")
+        if args.parallel is not None and args.parallel not in sampler.parallel_modes:
+            raise ValueError(f"--parallel {args.parallel}: {args.method} shares "
+                             f"{' or '.join(sampler.parallel_modes)} across ranks")
+        return
+    if args.out_dir is None:
+        raise ValueError("--prompts needs --out-dir (the folder of the images)")
+    for flag, given in (("--out", args.out is not None), ("--previews", args.previews is not None),
+                        ("--parallel", args.parallel is not None),
+                        ("--image", args.image is not None)):
+        if given:
+            raise ValueError(f"{flag} goes with --prompt, not --prompts (every line is its own "
+                             "image, made by one rank)")
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        raise ValueError(f"--out-dir {str(args.out_dir)!r} is a file; name a folder")
+    _check_writable_folder(args.out_dir, "--out-dir", str(args.out_dir))
+
+
+def _rank_device(device: str) -> str:
+    """``--device`` on this rank: a bare ``cuda`` is the rank's GPU (``LOCAL_RANK``) when
+    ``torchrun`` started several processes."""
+    from hrkernels import distributed
+
+    if device == "cuda" and distributed.world_size() > 1:
+        return f"cuda:{distributed.local_rank()}"
+    return device
+
+
 @reports_usage_errors(NAME)
 def run(args: argparse.Namespace) -> int:
     """Run ``hrkernels generate``; returns the exit status (0, or 2 for a bad argument, device,
     backend, model or output path: one line on stderr, before any model work where it can be
-    known then)."""
+    known then; every rank of a ``torchrun`` job checks the same and fails the same)."""
     import torch
 
+    from hrkernels import distributed
     from hrkernels.ops._backend import check_backend
     from hrkernels.samplers import SAMPLERS
 
-    device = default_device(args.device)
+    device = _rank_device(default_device(args.device))
     check_backend(torch.device(device))
     dtype = resolve_dtype(args.dtype, device)
-    check_outputs(args.out, args.previews)
     sampler_class = SAMPLERS[args.method]
+    _check_modes(args, sampler_class)
+    if args.prompts is not None:
+        return _run_prompts(args, sampler_class, device, dtype)
+    check_outputs(args.out, args.previews)
     options = _sampler_options(args, sampler_class)
+    call_options = _call_options(args, sampler_class)
+    if distributed.world_size() > 1:
+        distributed.init("nccl" if device.startswith("cuda") else "gloo")
+        options["parallel"] = args.parallel or sampler_class.parallel_modes[0]
     pipe = load_pipeline(args.model, device, dtype)
     sampler = sampler_class(pipe, **options)
     base = sampler.adapter.base_size
@@ -256,8 +323,9 @@ def run(args: argparse.Namespace) -> int:
                      width=width, **steps,
                      guidance_scale=args.guidance, eta=args.eta, generator=generator,
                      output_type="pil",
-                     decode_stages=args.previews is not None, progress=True,
-                     **_call_options(args, sampler_class))
+                     decode_stages=args.previews is not None, progress=True, **call_options)
+    if not distributed.is_main():
+        return 0  # rank 0 writes the files
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for image, path in zip(output.images, _output_paths(args.out, len(output.images)), strict=True):
         image.save(path)
@@ -270,4 +338,48 @@ def run(args: argparse.Namespace) -> int:
             for path, image in zip(paths, stage.images, strict=True):
                 image.save(path)
         print(f"wrote {len(output.stages)} stage previews to {args.previews}")
+    return 0
+
+
+def _run_prompts(args: argparse.Namespace, sampler_class: type, device: str, dtype: Any) -> int:
+    """``--prompts``: this rank's lines of the file (:mod:`hrkernels.distributed.prompts`), each
+    image written once; lines whose image exists are skipped."""
+    import torch
+
+    from hrkernels import distributed
+    from hrkernels.distributed.prompts import image_path, read_prompts, share, write_image
+
+    jobs = read_prompts(args.prompts)
+    rank, world = distributed.rank(), distributed.world_size()
+    mine = share(jobs, rank, world)
+    pending = [job for job in mine if not image_path(args.out_dir, job).exists()]
+    label = f"rank {rank} of {world}: " if world > 1 else ""
+    print(f"{label}{len(mine) - len(pending)} of {len(mine)} images already in {args.out_dir}, "
+          f"{len(pending)} to make")
+    if not pending:
+        return 0
+    options = _sampler_options(args, sampler_class)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(args.model, device, dtype)
+    sampler = sampler_class(pipe, **options)
+    base = sampler.adapter.base_size
+    sizes = {job.line: (job.height or args.height or 2 * base, job.width or args.width or 2 * base)
+             for job in jobs}
+    for job in jobs:  # every size checked (closed form) before any image: every rank the same
+        try:
+            sampler.view_plan(*sizes[job.line], args.steps)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{args.prompts}:{job.line}: {error}") from None
+    for job in pending:
+        height, width = sizes[job.line]
+        seed = args.seed if job.seed is None else job.seed
+        output = sampler(prompt=job.prompt, negative_prompt=(job.negative_prompt
+                                                             or args.negative_prompt),
+                         height=height, width=width, num_inference_steps=args.steps,
+                         guidance_scale=args.guidance, eta=args.eta,
+                         generator=torch.Generator(device=device).manual_seed(seed),
+                         output_type="pil", progress=distributed.is_main())
+        path = image_path(args.out_dir, job)
+        write_image(output.images[0], path)
+        print(f"{label}wrote {path} ({width}x{height}, line {job.line})")
     return 0

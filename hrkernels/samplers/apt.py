@@ -69,7 +69,8 @@ class APT(DemoFusion):
             keep its input sample (DDIM, Euler, DPM-Solver++ multistep, ...). Its steps must be
             deterministic (no DDIM ``eta`` > 0 or Euler ``s_churn`` > 0): the two paths step
             from one sample.
-        stride, cosine_scales, sigma, view_batch_size, executor: as :class:`DemoFusion`.
+        stride, cosine_scales, sigma, view_batch_size, executor, parallel: as
+            :class:`DemoFusion`.
         eta: the former name of ``scale_aware_eta`` (deprecated: it is easily confused with
             DDIM's eta).
 
@@ -95,10 +96,12 @@ class APT(DemoFusion):
         view_batch_size: int | str = "auto",
         scheduler: Any = None,
         executor: Executor | None = None,
+        parallel: str | None = None,
         eta: Any = _UNSET,
     ) -> None:
         super().__init__(pipe, stride=stride, cosine_scales=cosine_scales, sigma=sigma,
-                         view_batch_size=view_batch_size, scheduler=scheduler, executor=executor)
+                         view_batch_size=view_batch_size, scheduler=scheduler, executor=executor,
+                         parallel=parallel)
         if eta is not _UNSET:
             warnings.warn("APT(eta=...) is renamed APT(scale_aware_eta=...) (it is the paper's "
                           "scale-aware exponent, not DDIM's eta)", FutureWarning, stacklevel=2)

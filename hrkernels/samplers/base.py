@@ -84,6 +84,12 @@ class Sampler:
             method's default.
         executor: runs the model calls (:class:`hrkernels.samplers.engine.LocalExecutor` by
             default; a multi-GPU executor shares them across ranks).
+        parallel: share the model calls and the VAE decode across the ranks of
+            :func:`hrkernels.distributed.init`'s process group: ``"views"`` (whole view batches
+            per rank: bitwise equal to one process with the same ``view_batch_size``; methods
+            with views, :attr:`parallel_modes`) or ``"cfg"`` (the guidance branches per rank,
+            and the views too with more ranks than branches); None (default): one process. In a
+            process without a process group (world size 1) it is the one-process path.
     """
 
     name: ClassVar[str] = "Sampler"
@@ -91,6 +97,8 @@ class Sampler:
     default_scheduler: ClassVar[type | None] = None
     families: ClassVar[tuple[str, ...] | None] = ("sd", "sdxl")
     default_guidance_scale: float = 7.5
+    # The parallel= modes the method supports ("views" needs several views per step).
+    parallel_modes: ClassVar[tuple[str, ...]] = ("cfg",)
     # At about 0.04 s per SDXL view on an H100 (DemoFusion at 4096^2: 5,650 views in 224 s), 10^6
     # views are 11 hours per image: a size that needs more is refused before any work (16384^2 with
     # SDXL, 16 stages, 50 steps: 3.5e5 views; 100000^2: 7.9e7).
@@ -100,7 +108,7 @@ class Sampler:
     max_aspect_ratio: ClassVar[float] = 4.0
 
     def __init__(self, pipe: Any, *, view_batch_size: int | str = "auto", scheduler: Any = None,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, parallel: str | None = None) -> None:
         self.adapter = adapter_for(pipe, self.name, self.families)
         self.pipe = pipe
         self.view_batch_size = check_view_batch_size(view_batch_size)
@@ -108,6 +116,16 @@ class Sampler:
         if executor is not None and not callable(getattr(executor, "run", None)):
             raise TypeError(f"executor must have a run(evaluate, calls, consume) method; got "
                             f"{executor!r}")
+        if parallel is not None:
+            check_choice(parallel, f"parallel ({self.name})", self.parallel_modes)
+            if executor is not None:
+                raise ValueError("pass either executor or parallel, not both")
+            from hrkernels.distributed import executor_for
+
+            executor = executor_for(parallel, self.adapter.device)
+            if executor is not None:
+                self.adapter.communicator = executor.comm
+        self.parallel = parallel
         self.executor = executor
         self._warned: set[str] = set()
 
@@ -281,6 +299,7 @@ class Sampler:
         options = check_step_options(self.scheduler_class(), step_options, self.name)
         method = dict(method_options or {})
         self.check_call(sizes, num_inference_steps, options, **method)
+        progress = progress and getattr(self.executor, "is_main", True)  # rank 0's bars only
         adapter = self.adapter
         generator = resolve_generator(generator, adapter.device)
         cond = adapter.encode_prompts(
@@ -295,16 +314,25 @@ class Sampler:
                   guidance=guidance, generator=generator, num_inference_steps=num_inference_steps,
                   step_options=options, callback=callback_on_step_end, progress=progress,
                   num_stages=len(sizes), options=method)
-        with _step_kept(adapter.model):
-            stages = self.generate(run, sizes)
-        if decode_stages:
-            for result in stages:
-                result.images = adapter.to_images(result.latents, output_type)
-            images = stages[-1].images
-        else:
-            images = adapter.to_images(stages[-1].latents, output_type)
+        with self._in_step() as exchanges:
+            with _step_kept(adapter.model):
+                stages = self.generate(run, sizes)
+            if decode_stages:
+                for result in stages:
+                    result.images = adapter.to_images(result.latents, output_type)
+                images = stages[-1].images
+            else:
+                images = adapter.to_images(stages[-1].latents, output_type)
         return SamplerOutput(images=images, stages=stages, latents=stages[-1].latents,
-                             unet_calls=dict(run.engine.calls), plan=list(run.plan))
+                             unet_calls=dict(run.engine.calls), plan=list(run.plan),
+                             communication=None if exchanges is None else exchanges.summary())
+
+    def _in_step(self) -> contextlib.AbstractContextManager[Any]:
+        """The ranks of a parallel executor in step for the stages and the decoding (its
+        ``session``: an error on one rank stops the others, naming it; yields the call's exchange
+        statistics), else nothing (yields None)."""
+        session = getattr(self.executor, "session", None)
+        return contextlib.nullcontext() if session is None else session(self.name)
 
 
 @contextlib.contextmanager

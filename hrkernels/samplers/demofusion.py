@@ -83,6 +83,8 @@ class DemoFusion(Sampler):
         scheduler: a scheduler class to sample with instead of the pipeline's (built from its
             config); it must keep its input sample (module docstring).
         executor: runs the UNet calls (default: one process).
+        parallel: ``"views"`` or ``"cfg"``: share the UNet calls across the ranks of
+            :func:`hrkernels.distributed.init` (:class:`~hrkernels.samplers.Sampler`).
 
     Raises:
         TypeError: ``pipe`` is not a supported pipeline, or an argument of the wrong type.
@@ -100,6 +102,7 @@ class DemoFusion(Sampler):
 
     name = "DemoFusion"
     needs_sample = True
+    parallel_modes = ("views", "cfg")
 
     def __init__(
         self,
@@ -111,9 +114,10 @@ class DemoFusion(Sampler):
         view_batch_size: int | str = "auto",
         scheduler: Any = None,
         executor: Executor | None = None,
+        parallel: str | None = None,
     ) -> None:
         super().__init__(pipe, view_batch_size=view_batch_size, scheduler=scheduler,
-                         executor=executor)
+                         executor=executor, parallel=parallel)
         self.window = self.adapter.base_latent_size
         if stride is None:
             stride = max(1, self.window // 2)

@@ -167,24 +167,27 @@ def check_view_batch_size(value: int | str) -> int | str:
     return check_int(value, 'view_batch_size (or "auto")', minimum=1)
 
 
-def choose_view_batch(counts: Sequence[int], limit: int) -> int:
+def choose_view_batch(counts: Sequence[int], limit: int, concurrency: float = 1.0) -> int:
     """One batch size (views per model call) for every view group of one input shape.
 
     ``counts`` are the views of that shape in each step of each stage that uses it (e.g. 13, 34,
     65 for the 128x128 views of a 4096^2 SDXL run). Every group runs as ``ceil(n / k)`` calls of
     exactly ``k`` views (the last padded), so a run compiles/captures one graph per shape.
-    ``k <= limit`` minimises the padded work plus one view's worth of cost per call,
-    ``sum(ceil(n / k) * (k + 1))``; ties go to the larger ``k``.
+    ``k <= limit`` minimises the padded work plus one view's worth of cost per call, over the
+    rounds of ``concurrency`` calls that run at once (ranks of a parallel executor; 1 in one
+    process): ``sum(ceil(ceil(n / k) / concurrency) * (k + 1))``; ties go to the larger ``k``.
 
     Example::
 
         >>> choose_view_batch([13, 34, 65], 16)
         13
+        >>> choose_view_batch([13, 34, 65], 16, concurrency=4)
+        9
     """
     limit = max(1, min(limit, max(counts)))
     best, best_cost = 1, math.inf
     for k in range(1, limit + 1):
-        cost = sum(-(-n // k) * (k + 1) for n in counts)
+        cost = sum(math.ceil(-(-n // k) / concurrency) * (k + 1) for n in counts)
         if cost <= best_cost:
             best, best_cost = k, cost
     return best
@@ -289,15 +292,20 @@ class Engine:
         """Views per call for every input shape (see :func:`choose_view_batch`), and the rows of
         every call built ahead (:meth:`prepare`).
 
-        ``shape_counts``: ``{view shape: [views per step, one entry per stage]}``.
+        ``shape_counts``: ``{view shape: [views per step, one entry per stage]}``. With
+        ``view_batch_size="auto"``, an executor with a ``concurrency`` (calls it runs at once)
+        balances the batches over it; an int gives the batches of one process (a parallel run
+        then makes exactly the one-process model calls).
         """
         sizes = {}
         for shape, counts in shape_counts.items():
+            concurrency = 1.0
             if view_batch_size == "auto":
                 limit = auto_view_batch_limit(self.adapter, shape, _rows_per_view(guidance))
+                concurrency = getattr(self.executor, "concurrency", 1.0)
             else:
                 limit = int(view_batch_size)
-            sizes[shape] = choose_view_batch(counts, limit)
+            sizes[shape] = choose_view_batch(counts, limit, concurrency)
         self.prepare(sizes, guidance)
         return sizes
 
@@ -390,6 +398,7 @@ class Engine:
                     micro={name: torch.cat([value[window]] * repeat) if repeat > 1
                            else value[window] for name, value in micro.items()},
                     variant=step_pass.variant,
+                    branches=step_pass.branches,
                 ))
         out = torch.empty(count * k, channels, *shape, dtype=torch.float32, device=self.device)
 

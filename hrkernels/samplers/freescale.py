@@ -85,6 +85,8 @@ class FreeScale(Sampler):
         sigma, feature_blur: Scale Fusion's (:class:`hrkernels.ScaleFusion`).
         scheduler, view_batch_size, executor: as :class:`~hrkernels.samplers.DemoFusion` (the
             scheduler must keep its input sample: the skip residual).
+        parallel: ``"cfg"``: the guidance branches on different ranks of
+            :func:`hrkernels.distributed.init` (:class:`~hrkernels.samplers.Sampler`).
 
     The call takes :meth:`Sampler.sample`'s arguments and ``image``: an existing image (PIL
     image, ``[B, 3, H, W]`` / ``[3, H, W]`` tensor in [0, 1], or ``[H, W, 3]`` / ``[B, H, W, 3]``
@@ -104,9 +106,9 @@ class FreeScale(Sampler):
     def __init__(self, pipe: Any, *, fast_mode: bool = False, alpha: Any = 2.0,
                  restart_timestep: int = 700, sigma: float = 1.0, feature_blur: bool = False,
                  scheduler: Any = None, view_batch_size: int | str = "auto",
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, parallel: str | None = None) -> None:
         super().__init__(pipe, view_batch_size=view_batch_size, scheduler=scheduler,
-                         executor=executor)
+                         executor=executor, parallel=parallel)
         self.alpha = _check_alpha(alpha)
         total = int(self.scheduler_template.config.num_train_timesteps)
         self.restart_timestep = check_int(restart_timestep, "restart_timestep", minimum=1,

@@ -176,6 +176,8 @@ class MegaFusion(Sampler):
             return ``pred_original_sample`` (DDIM, DDPM, Euler, LMS, ...).
         view_batch_size, executor: as :class:`~hrkernels.samplers.DemoFusion` (the model sees one
             view per image).
+        parallel: ``"cfg"``: the guidance branches on different ranks of
+            :func:`hrkernels.distributed.init` (:class:`~hrkernels.samplers.Sampler`).
 
     Default stages for a target of long side ``T`` (``b`` the base size): the first stage at
     ``b``, the last at ``T``; SD 1.x/2.x adds one halfway (512, 768, 1024 with 40, 5, 5 of 50
@@ -212,9 +214,9 @@ class MegaFusion(Sampler):
 
     def __init__(self, pipe: Any, stages: Any = None, mega_plus: bool = False, *,
                  scheduler: Any = None, view_batch_size: int | str = "auto",
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, parallel: str | None = None) -> None:
         super().__init__(pipe, view_batch_size=view_batch_size, scheduler=scheduler,
-                         executor=executor)
+                         executor=executor, parallel=parallel)
         self.stages = _check_stages(stages)
         self.mega_plus = check_bool(mega_plus, "mega_plus")
         family = self.adapter.family

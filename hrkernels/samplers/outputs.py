@@ -62,6 +62,10 @@ class SamplerOutput:
             ``{(batch_rows, latent_h, latent_w): count}`` (the "UNet floor" of the benchmarks).
         plan: what the sampler stated before any model work, one line per stage (methods that
             state it; also logged at INFO on the ``hrkernels`` logger).
+        communication: a parallel sampler's exchanges between ranks during the call
+            (:meth:`hrkernels.distributed.CommStats.summary`: counts, bytes sent and received,
+            seconds of the control and data collectives, in total and per kind); None in one
+            process. ``unet_calls`` then counts this rank's model calls only.
     """
 
     images: Any
@@ -69,3 +73,4 @@ class SamplerOutput:
     latents: torch.Tensor
     unet_calls: dict[tuple[int, int, int], int] = field(default_factory=dict)
     plan: list[str] = field(default_factory=list)
+    communication: dict[str, Any] | None = None

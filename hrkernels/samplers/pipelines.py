@@ -24,7 +24,7 @@ touching the engine or the stage loop).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 import torch
@@ -91,7 +91,12 @@ class ModelCall:
     ``sample``: ``[R, C, h, w]`` in the model's dtype; ``timestep``: 0-d device tensor; ``text``:
     model-input name -> ``[R, ...]`` rows (from :class:`Conditioning`); ``micro``: the family's
     extra per-row inputs (SDXL: ``time_ids`` ``[R, 6]``), or empty; ``variant``: the patched
-    model's configuration to run (:func:`hrkernels.patching.variant`), None for the active one.
+    model's configuration to run (:func:`hrkernels.patching.variant`), None for the active one;
+    ``branches``: the guidance branches stacked in the rows, in equal blocks (``("uncond",
+    "cond")``: ``[uncond x k, cond x k]``; empty when unknown).
+
+    A field added here that holds per-row inputs must be a tensor (or a dict, list or tuple of
+    tensors) whose first dimension is ``R``, so :meth:`select_rows` cuts it with the sample.
     """
 
     sample: torch.Tensor
@@ -99,11 +104,36 @@ class ModelCall:
     text: dict[str, torch.Tensor]
     micro: dict[str, torch.Tensor] = field(default_factory=dict)
     variant: str | None = None
+    branches: tuple[str, ...] = ()
 
     @property
     def shape(self) -> tuple[int, int, int]:
         """``(rows, h, w)``: the key of :attr:`SamplerOutput.unet_calls`."""
         return (self.sample.shape[0], *self.sample.shape[2:])
+
+    def select_rows(self, rows: slice) -> ModelCall:
+        """The call on rows ``rows`` of every per-row input (CFG-parallel runs one guidance
+        branch of a call per rank: ``branches`` keeps the branches those rows hold)."""
+        count = self.sample.shape[0]
+        start, stop, _ = rows.indices(count)
+        block = count // len(self.branches) if self.branches else 0
+        whole_blocks = block and count % block == 0 and start % block == 0 and stop % block == 0
+        branches = self.branches[start // block:stop // block] if whole_blocks else ()
+        changes = {f.name: _select_rows(getattr(self, f.name), rows, count)
+                   for f in fields(self) if f.name not in ("timestep", "variant", "branches")}
+        return replace(self, **changes, branches=branches)
+
+
+def _select_rows(value: Any, rows: slice, count: int) -> Any:
+    """``value`` cut to ``rows`` where it is per-row (a tensor whose first dimension is
+    ``count``, or a dict, list or tuple of them)."""
+    if isinstance(value, torch.Tensor):
+        return value[rows] if value.dim() and value.shape[0] == count else value
+    if isinstance(value, dict):
+        return {name: _select_rows(item, rows, count) for name, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_select_rows(item, rows, count) for item in value)
+    return value
 
 
 class PipelineAdapter:
@@ -115,6 +145,8 @@ class PipelineAdapter:
     uses_crops: ClassVar[bool] = False
     # A pixel-space model (DeepFloyd IF): no VAE, its "latents" are the images in [-1, 1].
     pixel_space: ClassVar[bool] = False
+    # The ranks a parallel sampler shares the VAE's strips with (hrkernels.distributed), or None.
+    communicator: Any = None
 
     def __init__(self, pipe: Any, sampler: str) -> None:
         self.pipe = pipe
@@ -208,8 +240,10 @@ class PipelineAdapter:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents ``[B, C, h, w]`` -> pixels ``[B, 3, h f, w f]`` in about [-1, 1] (not
-        clamped): :func:`hrkernels.vae.decode` (a pixel-space family returns the latents)."""
-        return vae_io.decode(self.pipe.vae, latents)
+        clamped): :func:`hrkernels.vae.decode`, its strips shared across the ranks of
+        :attr:`communicator` when a parallel sampler set one (a pixel-space family returns the
+        latents)."""
+        return vae_io.decode(self.pipe.vae, latents, comm=self.communicator)
 
     def encode(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Pixels ``[B, 3, H, W]`` in [-1, 1] -> float32 latents (posterior sample from

@@ -70,6 +70,8 @@ class ScaleCrafter(Sampler):
             scheduler config; any diffusers scheduler: one ``scheduler.step`` per step).
         view_batch_size, executor: as :class:`~hrkernels.samplers.DemoFusion` (the model sees
             one view per image here).
+        parallel: ``"cfg"``: the guidance branches (and the noise-damped base pass) on different
+            ranks of :func:`hrkernels.distributed.init` (:class:`~hrkernels.samplers.Sampler`).
 
     The call takes :meth:`Sampler.__call__`'s arguments; ``guidance_scale`` defaults to the
     model's (7.5 for SD 1.x/2.x, 5.0 for SDXL) and ``eta`` is DDIM's (default 0; the authors'
@@ -89,9 +91,9 @@ class ScaleCrafter(Sampler):
 
     def __init__(self, pipe: Any, *, plan: Any = "auto", noise_damped: bool = True,
                  scheduler: Any = None, view_batch_size: int | str = "auto",
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, parallel: str | None = None) -> None:
         super().__init__(pipe, view_batch_size=view_batch_size, scheduler=scheduler,
-                         executor=executor)
+                         executor=executor, parallel=parallel)
         if not (plan == "auto" if isinstance(plan, str) else
                 isinstance(plan, (ScaleCrafterPlan, ReDilation))):
             raise TypeError('plan must be "auto", a hrkernels.presets.ScaleCrafterPlan or a '

@@ -224,7 +224,7 @@ def _shape_of(value: Any, name: str) -> tuple[int, ...]:
 
 @torch.no_grad()
 def decode(vae: Any, latents: torch.Tensor, max_memory: int | None = None,
-           tile: int | None = None) -> torch.Tensor:
+           tile: int | None = None, comm: Any = None) -> torch.Tensor:
     """Decode scaled latents into images, exactly and within a memory budget.
 
     Args:
@@ -234,6 +234,12 @@ def decode(vae: Any, latents: torch.Tensor, max_memory: int | None = None,
         max_memory: bytes of device memory for activations and workspace (not the weights, the
             latents or the output); default :func:`default_budget`.
         tile: force the strip height (rows of each pass's output value); default: planned.
+        comm: a :class:`hrkernels.distributed.Communicator`: every pass's strips are dealt out
+            over its ranks, the strips and GroupNorm statistics exchanged after each round, so
+            every rank computes about ``1 / world_size`` of the decode and returns the whole
+            image, equal bit for bit to the one-process decode (every rank must make the call,
+            with the same latents). The plan is each rank's own (one strip result more per rank
+            is held during a round).
 
     Returns:
         ``[B, 3, h * f, w * f]`` images on the VAE's device, in the VAE's dtype for the call (fp32
@@ -265,7 +271,7 @@ def decode(vae: Any, latents: torch.Tensor, max_memory: int | None = None,
             z = z * std / vae.config.scaling_factor + mean
         else:
             z = z / vae.config.scaling_factor + _shift(vae)
-        return execute(program, plan, z, dtype, device)
+        return execute(program, plan, z, dtype, device, comm)
 
 
 @torch.no_grad()

@@ -11,7 +11,8 @@ segment's final pass starts and dropped after the last segment that reads it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,38 @@ __all__ = ["execute"]
 
 Statistics = tuple[torch.Tensor, torch.Tensor]  # mean, rstd: [B, G] fp32
 Sink = Callable[[torch.Tensor, int], None]
+
+
+class Exchange(Protocol):
+    """Ranks that share a run's strips (:class:`hrkernels.distributed.Communicator`)."""
+
+    rank: int
+    world_size: int
+
+    def exchange(self, items: Sequence[torch.Tensor], what: str,
+                 device: torch.device | None = None) -> list[list[torch.Tensor]]: ...
+
+
+def _local_strips(firsts: Sequence[int], strip: Callable[[int], torch.Tensor],
+                  sink: Sink) -> None:
+    """Every strip in this process, in order."""
+    for first in firsts:
+        sink(strip(first), first)
+
+
+def _shared_strips(comm: Exchange, device: torch.device) -> Callable[..., None]:
+    """Strips dealt out round-robin over the ranks, one round of ``world_size`` strips at a time
+    (each rank holds one strip's result more than one process would); after each round every
+    rank sinks every strip of the round in order, so every rank holds the same values and
+    statistics as one process, bit for bit."""
+    def run(firsts: Sequence[int], strip: Callable[[int], torch.Tensor], sink: Sink) -> None:
+        for round_start in range(0, len(firsts), comm.world_size):
+            members = firsts[round_start:round_start + comm.world_size]
+            mine = [strip(members[comm.rank])] if comm.rank < len(members) else []
+            gathered = comm.exchange(mine, "vae strips", device)
+            for first, items in zip(members, gathered, strict=False):
+                sink(items[0], first)
+    return run
 
 
 class _DeviceStore:
@@ -87,8 +120,9 @@ class _Run:
     """One chunk of images through the program."""
 
     def __init__(self, program: Program, plan: TilePlan, source: torch.Tensor,
-                 out: torch.Tensor):
+                 out: torch.Tensor, comm: Exchange | None = None):
         self.program, self.plan, self.steps = program, plan, program.steps
+        self.strips = _local_strips if comm is None else _shared_strips(comm, out.device)
         self.grids = program.grids(*source.shape[2:])
         self.batch, self.dtype, self.device = source.shape[0], out.dtype, out.device
         self.stores: dict[int, object] = {0: _InputStore(source, self.dtype, self.device)}
@@ -132,8 +166,8 @@ class _Run:
         """A statistics pass: the statistics of value ``stop`` for the step that reads it."""
         step = self.steps[stop]
         parts: list[torch.Tensor] = []
-        self._pass(start, stop, rows, lambda strip, first: parts.append(
-            group_stats(strip, step.norm_groups)))
+        self._pass(start, stop, rows, lambda stats, first: parts.append(stats),
+                   reduce=lambda strip: group_stats(strip, step.norm_groups))
         self.statistics[stop] = _finish(parts, step.eps)
 
     # -- passes -----------------------------------------------------------------------------------
@@ -163,13 +197,17 @@ class _Run:
 
         return sink
 
-    def _pass(self, start: int, stop: int, rows: int, sink: Sink) -> None:
+    def _pass(self, start: int, stop: int, rows: int, sink: Sink,
+              reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Steps ``start .. stop - 1`` over strips of ``rows`` rows of value ``stop``; each strip
-        of value ``stop`` goes to ``sink(strip, first_row)``."""
+        of value ``stop`` (or ``reduce(strip)``, e.g. its statistics) goes to
+        ``sink(strip, first_row)``, in order (the strips shared across ranks when a
+        communicator is given)."""
         height = self.grids[stop].height
         sources = {step.source for step in self.steps[start:stop]
                    if isinstance(step, Residual) and step.source >= start}
-        for first in range(0, height, rows):
+
+        def strip(first: int) -> torch.Tensor:
             ranges = self.program.row_ranges(start, stop, first, min(first + rows, height),
                                              self.grids)
             x = self.stores[start].read(*ranges[0])
@@ -188,8 +226,9 @@ class _Run:
                                         ranges[p + 1 - start][0]))
                 x = step.run(x, row0, *ranges[p + 1 - start], self.grids[p].height, **extra)
                 row0 = ranges[p + 1 - start][0]
-            sink(x, first)
-            del x, kept
+            return x if reduce is None else reduce(x)
+
+        self.strips(range(0, height, rows), strip, sink)
 
     def _attention(self, p: int, rows: int) -> None:
         """The attention over the whole value ``p`` (a device store): keys and values of every
@@ -220,9 +259,9 @@ class _Run:
             keys[:, :, first * width:last * width] = project(attention.to_k, strip)
             values[:, :, first * width:last * width] = project(attention.to_v, strip)
         store = self.stores[p + 1] = self._new_store(p + 1)
-        sink = self._store_sink(p + 1, store)
         out_projection = attention.to_out[0]
-        for first in range(0, height, rows):
+
+        def strip(first: int) -> torch.Tensor:
             last = min(first + rows, height)
             queries = project(attention.to_q, tokens(first, last))
             attended = F.scaled_dot_product_attention(queries, keys, values)
@@ -233,13 +272,17 @@ class _Run:
                 out = out + x[:, :, first:last]
             if attention.rescale_output_factor != 1.0:
                 out = out / attention.rescale_output_factor
-            sink(out, first)
+            return out
+
+        self.strips(range(0, height, rows), strip, self._store_sink(p + 1, store))
 
 
 def execute(program: Program, plan: TilePlan, source: torch.Tensor, dtype: torch.dtype,
-            device: torch.device) -> torch.Tensor:
+            device: torch.device, comm: Exchange | None = None) -> torch.Tensor:
     """Run ``program`` on ``source`` (``[B, C, H, W]``, any device and float dtype) as ``plan``
-    says, in ``dtype`` on ``device``.
+    says, in ``dtype`` on ``device``; with ``comm``, every pass's strips dealt out over its ranks
+    (each rank computes ``1 / world_size`` of them; every rank returns the whole output, equal
+    bit for bit to one process's).
 
     Returns:
         The program's output value ``[B, C', H', W']`` in ``dtype`` on ``device``.
@@ -249,5 +292,5 @@ def execute(program: Program, plan: TilePlan, source: torch.Tensor, dtype: torch
                       device=device)
     for first in range(0, source.shape[0], plan.batch):
         last = first + plan.batch
-        _Run(program, plan, source[first:last], out[first:last]).run()
+        _Run(program, plan, source[first:last], out[first:last], comm).run()
     return out
