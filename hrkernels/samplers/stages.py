@@ -9,7 +9,9 @@
 * :func:`run_stage` -- the loop: per step, ``set_step`` on a patched model, the skip residual, the
   method's step function, the non-finite watch, the callback and the progress bar.
 * :class:`Run` -- what one sampler call shares across its stages (adapter, engine, generator,
-  guidance, step options, callback, progress).
+  guidance, step options, callback, progress, the input image and ControlNet conditioning).
+* :func:`image_latent` -- the caller's ``image=`` encoded at a stage's size;
+  :func:`fidelity_exponent` -- ``fidelity`` as a skip-residual exponent.
 
 Randomness comes only from the call's generator (:func:`randn`, :func:`resolve_generator`).
 """
@@ -25,6 +27,7 @@ import torch
 from hrkernels._validate import check_int
 from hrkernels.patching import is_patched, set_step
 from hrkernels.samplers.engine import Engine, Guidance, ViewSet
+from hrkernels.samplers.inputs import ControlInputs, batch_rows, resize_pixels
 from hrkernels.samplers.outputs import NonFiniteLatentsError
 from hrkernels.samplers.pipelines import PipelineAdapter
 from hrkernels.samplers.schedulers import fresh_scheduler, noising_coefficients, step_kwargs
@@ -35,6 +38,8 @@ __all__ = [
     "Run",
     "SkipResidual",
     "denoising_step",
+    "fidelity_exponent",
+    "image_latent",
     "initial_latents",
     "StageSchedule",
     "StepCallback",
@@ -213,7 +218,10 @@ class SkipResidual:
 class Run:
     """Per-call state shared by the stages of one sampler call (``options``: the method's call
     options; ``plan``: what the method states it will do, one line per stage, before any model
-    work)."""
+    work; ``image``: the caller's ``image=`` as ``[n, 3, H, W]`` float32 in [0, 1] (n 1 or the
+    batch; :func:`image_latent` encodes it), or None; ``fidelity``: the caller's ``fidelity`` in
+    [0, 1], or None for the method's own behaviour; ``controls``: the ControlNet conditioning, or
+    None)."""
 
     sampler: str
     adapter: PipelineAdapter
@@ -227,6 +235,17 @@ class Run:
     num_stages: int
     options: dict[str, Any] = field(default_factory=dict)
     plan: list[str] = field(default_factory=list)
+    image: torch.Tensor | None = None
+    fidelity: float | None = None
+
+    @property
+    def controls(self) -> ControlInputs | None:
+        return self.engine.controls
+
+    def control_views(self, size: tuple[int, int]) -> tuple[torch.Tensor, ...] | None:
+        """The control images of one whole-latent view per image at latent ``size`` (None
+        without a ControlNet): what a :class:`ViewSet` of the full latent carries."""
+        return None if self.controls is None else self.controls.full(size)
 
     @property
     def device(self) -> torch.device:
@@ -308,6 +327,30 @@ def initial_latents(run: Run, size: tuple[int, int], scheduler: Any) -> torch.Te
     return noise * float(scheduler.init_noise_sigma)
 
 
+def image_latent(run: Run, size: tuple[int, int]) -> torch.Tensor:
+    """The caller's ``image=`` as a clean latent of pixel ``size`` ``(H, W)``: resized on the
+    device (bicubic, antialiased when shrinking), one row per image of the batch, encoded by the
+    adapter (the VAE's posterior sample, from the call's generator): ``[B, C, H / f, W / f]``
+    float32. What the image replaces: a progressive method's first-stage result (DemoFusion, APT,
+    FreeScale), or the start of an image-to-image stage (ScaleCrafter)."""
+    if run.image is None:
+        raise ValueError(f"{run.sampler}: no image= was given")
+    pixels = resize_pixels(run.image.to(run.device), size)
+    pixels = batch_rows(pixels, run.batch, "image")
+    return run.adapter.encode(pixels * 2 - 1, run.generator).float()
+
+
+def fidelity_exponent(exponent: float | torch.Tensor,
+                      fidelity: float | None) -> float | torch.Tensor:
+    """A skip-residual exponent of ``c(t)`` (DemoFusion's ``a1``, FreeScale's ``alpha``) for a
+    ``fidelity`` in [0, 1]: ``2 (1 - fidelity) exponent``, so 0.5 keeps the method's exponent, 1
+    gives 0 (``c^0 = 1``: every step starts from the noised input, the most of it kept) and 0
+    twice the exponent (less of it kept); None: ``exponent`` unchanged."""
+    if fidelity is None:
+        return exponent
+    return exponent * (2.0 * (1.0 - fidelity))
+
+
 def denoising_step(run: Run, schedule: StageSchedule, batch_sizes: dict[tuple[int, int], int],
                    guidance: Callable[[StepState], Guidance] | None = None) -> StepFunction:
     """The step of plain sampling on the full latent: ``zin = scale_model_input(z, t)``, the
@@ -319,7 +362,8 @@ def denoising_step(run: Run, schedule: StageSchedule, batch_sizes: dict[tuple[in
     def step(state: StepState, z: torch.Tensor) -> torch.Tensor:
         zin = scheduler.scale_model_input(z, state.timestep)
         strategy = run.guidance if guidance is None else guidance(state)
-        (eps,) = run.engine(state.model_timestep, [ViewSet(zin)], batch_sizes, strategy)
+        view = ViewSet(zin, control=run.control_views(tuple(z.shape[2:])))
+        (eps,) = run.engine(state.model_timestep, [view], batch_sizes, strategy)
         return scheduler.step(eps, state.timestep, z, return_dict=False, **kwargs)[0]
 
     return step
@@ -331,9 +375,10 @@ def run_stage(run: Run, stage: int, size: tuple[int, int], schedule: StageSchedu
     """Run one stage's steps and return its last latent.
 
     Per step ``i`` of ``schedule``: :func:`hrkernels.set_step` on the model when it is patched
-    (with the global step index and the device timestep), ``sample = skip(z)`` with a skip
-    residual (else ``z``), ``z = step_function(state, sample)``, ``callback_on_step_end`` (may
-    replace ``z``), the NaN/inf flag of ``z`` (checked once, after the stage) and the progress bar.
+    (with the global step index and the device timestep), the engine's step (its ControlNet
+    scales), ``sample = skip(z)`` with a skip residual (else ``z``), ``z = step_function(state,
+    sample)``, ``callback_on_step_end`` (may replace ``z``), the NaN/inf flag of ``z`` (checked
+    once, after the stage) and the progress bar.
 
     Args:
         run: the call's shared state.
@@ -362,6 +407,7 @@ def run_stage(run: Run, stage: int, size: tuple[int, int], schedule: StageSchedu
                               schedule.device_timesteps[step], last=step == len(schedule) - 1)
             if patched:
                 set_step(model, index, state.model_timestep)
+            run.engine.set_step(index)
             sample = skip(schedule, step, z) if skip is not None else z
             z = step_function(state, sample)
             z = run_callback(run.callback, stage, step, values[step], z)
