@@ -146,6 +146,9 @@ class FreeScale(Sampler):
             f"{run.num_inference_steps - 1}, one UNet call of {rows} rows per step"
             + ("" if k == 1 else f", Scale Fusion, dilation {s.scale} until step "
                f"{plan.dilated_until}") for k, s in enumerate(plan.stages, start=1))
+        if run.image is not None:
+            run.plan[-len(plan.stages)] = (f"stage 1 ({first.width}x{first.height}): the input "
+                                           "image, encoded (no sampling)")
         logger.info("%s plan: %s", self.name, "; ".join(run.plan))
         batch_sizes = run.engine.plan({latent: [run.batch]}, self.view_batch_size, run.guidance)
         if run.image is None:
