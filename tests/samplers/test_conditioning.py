@@ -458,3 +458,47 @@ def test_cpu_offload_runs_through_the_hooks(name, sd15):
     torch.testing.assert_close(out.latents, expected)
     for module in (pipe.unet, pipe.controlnet, pipe.vae):
         assert {p.device.type for p in module.parameters()} == {"meta"}
+
+
+def test_a_new_sampler_gets_the_conditioning_from_the_core(sd15_control):
+    # What MegaFusion-style samplers inherit: a method whose steps evaluate the whole latent
+    # (denoising_step) and whose first stage is the input image (image_latent) gets ControlNet,
+    # image= and fidelity checks with no code of its own.
+    from hrkernels.samplers.base import Sampler
+    from hrkernels.samplers.outputs import StageResult
+    from hrkernels.samplers.stages import (
+        denoising_step,
+        image_latent,
+        initial_latents,
+        run_stage,
+        stage_schedule,
+    )
+
+    class Plain(Sampler):
+        name = "Plain"
+
+        def stage_sizes(self, height, width):
+            return [(height, width)]
+
+        def generate(self, run, sizes):
+            latent = (sizes[0][0] // 8, sizes[0][1] // 8)
+            if run.image is not None:
+                return [StageResult(1, *sizes[0], image_latent(run, sizes[0]))]
+            schedule = stage_schedule(self.scheduler_template, run.num_inference_steps,
+                                      run.device)
+            batch_sizes = run.engine.plan({latent: [run.batch]}, 1, run.guidance)
+            z = run_stage(run, 1, latent, schedule,
+                          initial_latents(run, latent, schedule.scheduler),
+                          denoising_step(run, schedule, batch_sizes))
+            return [StageResult(1, *sizes[0], z)]
+
+    control = rand_image(7, 64)
+    with Recorder(sd15_control.unet, sd15_control.controlnet) as record:
+        out = Plain(sd15_control)(prompt="a cat", height=64, width=64, num_inference_steps=2,
+                                  control_image=control, progress=False, output_type="latent")
+    assert len(record.control) == len(record.unet) == 2
+    assert all(torch.equal(kwargs["controlnet_cond"], control.expand(2, -1, -1, -1))
+               for kwargs, _ in record.control)
+    image = Plain(sd15_control)(prompt="a cat", height=64, width=64, image=control,
+                                control_image=control, progress=False, output_type="latent")
+    assert image.unet_calls == {} and image.latents.shape == out.latents.shape
