@@ -503,20 +503,22 @@ def tiny_controlnet(pipe: _Pipeline, *, seed: int = 0) -> Any:
 
     Example::
 
-        >>> from diffusers import StableDiffusionXLControlNetPipeline
+        >>> from hrkernels.samplers.inputs import with_controlnet
         >>> pipe = tiny_pipeline("sdxl")
-        >>> controlled = StableDiffusionXLControlNetPipeline(**pipe.components,
-        ...                                                  controlnet=tiny_controlnet(pipe))
+        >>> type(with_controlnet(pipe, tiny_controlnet(pipe))).__name__
+        'StableDiffusionXLControlNetPipeline'
     """
     from diffusers import ControlNetModel
 
     unet = pipe.unet
     with _seeded(seed, torch.device("cpu")):
         controlnet = ControlNetModel.from_unet(
-            unet, conditioning_embedding_out_channels=_TINY_CONTROLNET_EMBEDDING).float()
+            unet, conditioning_embedding_out_channels=_TINY_CONTROLNET_EMBEDDING)
         zero_initialised = [controlnet.controlnet_cond_embedding.conv_out,
                             *controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
         for conv in zero_initialised:
             torch.nn.init.normal_(conv.weight, std=1.0)
             torch.nn.init.normal_(conv.bias, std=1.0)
-    return controlnet.to(unet.device, unet.dtype)
+    if (controlnet.device, controlnet.dtype) != (unet.device, unet.dtype):
+        controlnet = controlnet.to(unet.device, unet.dtype)
+    return controlnet

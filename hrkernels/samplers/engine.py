@@ -29,12 +29,13 @@ import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
 from hrkernels import patching
 from hrkernels._validate import check_int, check_real
+from hrkernels.samplers.inputs import ControlInputs
 from hrkernels.samplers.pipelines import Conditioning, ModelCall, PipelineAdapter
 
 __all__ = [
@@ -276,12 +277,12 @@ class Engine:
         adapter: the pipeline's adapter.
         cond: the encoded prompts (and IP-Adapter embeddings).
         executor: runs the calls (default :class:`LocalExecutor`).
-        controls: the call's ControlNet conditioning (:class:`~hrkernels.samplers.inputs.
-            ControlInputs`: ``step_scales(index)``), or None.
+        controls: the call's ControlNet conditioning, or None.
     """
 
     def __init__(self, adapter: PipelineAdapter, cond: Conditioning,
-                 executor: Executor | None = None, controls: Any = None) -> None:
+                 executor: Executor | None = None,
+                 controls: ControlInputs | None = None) -> None:
         self.adapter = adapter
         self.cond = cond
         self.executor = executor or LocalExecutor()

@@ -334,7 +334,7 @@ def image_latent(run: Run, size: tuple[int, int]) -> torch.Tensor:
     float32. What the image replaces: a progressive method's first-stage result (DemoFusion, APT,
     FreeScale), or the start of an image-to-image stage (ScaleCrafter)."""
     if run.image is None:
-        raise ValueError(f"{run.sampler}: no image= was given")
+        raise RuntimeError(f"{run.sampler}: image_latent without an image= in the call")
     pixels = resize_pixels(run.image.to(run.device), size)
     pixels = batch_rows(pixels, run.batch, "image")
     return run.adapter.encode(pixels * 2 - 1, run.generator).float()
