@@ -388,7 +388,7 @@ def lora_state(unet):
     return {name: value.clone() for name, value in unet.state_dict().items() if "lora" in name}
 
 
-def test_lora_changes_the_output_and_survives_the_patches():
+def test_lora_changes_the_output_and_survives_the_patches(tmp_path):
     from peft import LoraConfig
 
     pipe = tiny_pipeline("sd15", scheduler="ddim")
@@ -415,6 +415,15 @@ def test_lora_changes_the_output_and_survives_the_patches():
     hrkernels.patch(unet, hrkernels.ReDilation({"mid_block": 2}))
     hrkernels.unpatch(unet)
     assert lora_state(unet).keys() == before.keys()
+    # The same LoRA saved and loaded with diffusers' own pipe.load_lora_weights.
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    StableDiffusionPipeline.save_lora_weights(tmp_path, safe_serialization=True,
+                                              unet_lora_layers=get_peft_model_state_dict(unet))
+    loaded = tiny_pipeline("sd15", scheduler="ddim")
+    loaded.load_lora_weights(tmp_path)
+    assert torch.equal(with_lora["freescale"], generate(loaded, "freescale", steps=1).latents)
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
