@@ -106,3 +106,21 @@ def test_generate_with_an_image_and_a_tiny_controlnet(tmp_path, capsys):
                   "--steps", "1", "--controlnet", "tiny", "--out", str(out)])
     assert run(args) == 2
     assert "--controlnet and --control-image go together" in capsys.readouterr().err
+
+
+def test_generate_with_a_saved_controlnet(tmp_path, capsys):
+    from hrkernels.testing import tiny_controlnet, tiny_pipeline
+
+    saved, control, out = tmp_path / "controlnet", tmp_path / "edges.png", tmp_path / "out.png"
+    tiny_controlnet(tiny_pipeline("sd15")).save_pretrained(saved)
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(control)
+    args = parse(["--model", "tiny-sd15", "--method", "scalecrafter", "--prompt", "a cat",
+                  "--steps", "1", "--controlnet", str(saved), "--control-image", str(control),
+                  "--out", str(out)])
+    assert run(args) == 0
+    assert Image.open(out).size == (128, 128)
+    args = parse(["--model", "tiny-sd15", "--method", "scalecrafter", "--prompt", "a cat",
+                  "--steps", "1", "--controlnet", str(tmp_path / "missing"), "--control-image",
+                  str(control), "--out", str(out)])
+    assert run(args) == 2
+    assert "--controlnet" in capsys.readouterr().err
