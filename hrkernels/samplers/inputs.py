@@ -164,8 +164,9 @@ class ControlInputs:
     """The ControlNet conditioning of one call.
 
     Attributes:
-        images: per ControlNet, ``[B, 3, H, W]`` float32 in [0, 1] on the device (the caller's
-            image, one row per image of the batch).
+        images: per ControlNet, ``[n, 3, H, W]`` float32 in [0, 1] on the device (the caller's
+            image; ``n`` 1 or ``batch``).
+        batch: images per call (``B``: the rows of every image at a stage's size).
         scales: ``controlnet_conditioning_scale`` per ControlNet.
         start, end: ``control_guidance_start`` / ``control_guidance_end`` per ControlNet
             (fractions of the ``num_inference_steps`` steps).
@@ -175,6 +176,7 @@ class ControlInputs:
     """
 
     images: tuple[torch.Tensor, ...]
+    batch: int
     scales: tuple[float, ...]
     start: tuple[float, ...]
     end: tuple[float, ...]
@@ -197,8 +199,9 @@ class ControlInputs:
         size = (int(size[0]), int(size[1]))
         if size not in self._sized:
             f = self.vae_scale_factor
-            self._sized[size] = tuple(resize_pixels(image, (size[0] * f, size[1] * f))
-                                      .to(self.dtype) for image in self.images)
+            self._sized[size] = tuple(
+                batch_rows(resize_pixels(image, (size[0] * f, size[1] * f)).to(self.dtype),
+                           self.batch, "control_image") for image in self.images)
         return self._sized[size]
 
     def full(self, size: tuple[int, int]) -> tuple[torch.Tensor, ...]:
@@ -324,7 +327,8 @@ def control_inputs(adapter: PipelineAdapter, control_image: Any, scale: Any, sta
         label = "control_image" if count == 1 else f"control_image[{index}]"
         tensor = as_pixels(image, label, background=0.0)
         check_image_size(tensor, label, height, width)
-        pixels.append(batch_rows(tensor.to(adapter.device), batch, label))
+        batch_rows(tensor, batch, label)
+        pixels.append(tensor.to(adapter.device))
     scales = _per_net(scale, "controlnet_conditioning_scale", count, 1.0)
     starts = _per_net(start, "control_guidance_start", count, 0.0, minimum=0, maximum=1)
     ends = _per_net(end, "control_guidance_end", count, 1.0, minimum=0, maximum=1)
@@ -332,7 +336,7 @@ def control_inputs(adapter: PipelineAdapter, control_image: Any, scale: Any, sta
         if first >= last:
             raise ValueError(f"control_guidance_start must be < control_guidance_end; got "
                              f"{first} and {last} (ControlNet {index})")
-    return ControlInputs(tuple(pixels), scales, starts, ends, num_inference_steps,
+    return ControlInputs(tuple(pixels), batch, scales, starts, ends, num_inference_steps,
                          adapter.vae_scale_factor, nets[0].dtype)
 
 

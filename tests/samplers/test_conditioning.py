@@ -511,3 +511,21 @@ def test_a_new_sampler_gets_the_conditioning_from_the_core(sd15_control):
     image = Plain(sd15_control)(prompt="a cat", height=64, width=64, image=control,
                                 control_image=control, progress=False, output_type="latent")
     assert image.unet_calls == {} and image.latents.shape == out.latents.shape
+
+
+def test_controlnet_rows_follow_the_images_of_a_batch(sd15_control, monkeypatch):
+    # Two images per prompt: view rows are window-major (row r belongs to image r % 2), and one
+    # control image serves both.
+    control = rand_image(8)
+    grids = []
+    window_grid = ops.window_grid
+    monkeypatch.setattr(ops, "window_grid",
+                        lambda *a, **k: grids.append(window_grid(*a, **k)) or grids[-1])
+    with Recorder(sd15_control.unet, sd15_control.controlnet) as record:
+        DemoFusion(sd15_control, view_batch_size=32)(
+            prompt="a cat", height=SIZE, width=SIZE, num_inference_steps=1, progress=False,
+            num_images_per_prompt=2, control_image=control, output_type="latent",
+            generator=torch.Generator().manual_seed(0))
+    stage2 = record.control[-1][0]["controlnet_cond"]
+    views = hand_crops(control, grids[0], 8, 2).repeat_interleave(2, dim=0)
+    assert torch.equal(stage2, torch.cat([views, views]))
