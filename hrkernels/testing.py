@@ -51,7 +51,7 @@ from transformers import (
 
 from hrkernels.samplers.schedulers import SCHEDULERS
 
-__all__ = ["random_pipeline", "tiny_pipeline"]
+__all__ = ["random_pipeline", "tiny_controlnet", "tiny_pipeline"]
 
 _Pipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
 
@@ -670,3 +670,36 @@ def random_pipeline(
     )
     _cast(pipe, device, dtype)
     return pipe
+
+
+# The tiny ControlNet's conditioning embedding: 3 stride-2 convolutions (control images at f = 8
+# times the latent size, as the real ones), 8 channels each.
+_TINY_CONTROLNET_EMBEDDING = (8, 8, 8, 8)
+
+
+def tiny_controlnet(pipe: _Pipeline, *, seed: int = 0) -> Any:
+    """A ``ControlNetModel`` for a pipeline's UNet (``ControlNetModel.from_unet``: its encoder
+    copied), with a tiny conditioning embedding and random output convolutions (a fresh
+    ControlNet's are zero, so its residuals would be zero), on the UNet's device and dtype.
+
+    Example::
+
+        >>> from hrkernels.samplers.inputs import with_controlnet
+        >>> pipe = tiny_pipeline("sdxl")
+        >>> type(with_controlnet(pipe, tiny_controlnet(pipe))).__name__
+        'StableDiffusionXLControlNetPipeline'
+    """
+    from diffusers import ControlNetModel
+
+    unet = pipe.unet
+    with _seeded(seed, torch.device("cpu")):
+        controlnet = ControlNetModel.from_unet(
+            unet, conditioning_embedding_out_channels=_TINY_CONTROLNET_EMBEDDING)
+        zero_initialised = [controlnet.controlnet_cond_embedding.conv_out,
+                            *controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+        for conv in zero_initialised:
+            torch.nn.init.normal_(conv.weight, std=1.0)
+            torch.nn.init.normal_(conv.bias, std=1.0)
+    if (controlnet.device, controlnet.dtype) != (unet.device, unet.dtype):
+        controlnet = controlnet.to(unet.device, unet.dtype)
+    return controlnet

@@ -83,9 +83,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=None,
                         help="freescale: the skip residual's exponent of c(t) (default 2)")
     parser.add_argument("--image", type=Path, default=None,
-                        help="freescale: an existing image (file) that replaces the first "
-                             "stage's result; megafusion on IF stage II: the low-resolution image "
-                             "it upscales")
+                        help="an existing image (file) to upscale: it replaces the first stage's "
+                             "result (scalecrafter: image-to-image at the target size; megafusion "
+                             "on IF stage II: the low-resolution image it upscales); its aspect "
+                             "ratio must be the target's (default size: 2x the base size at the "
+                             "image's aspect ratio)")
+    parser.add_argument("--fidelity", type=float, default=None,
+                        help="with --image: how much of the image is kept, in [0, 1] (default: "
+                             "the method's own behaviour; see each sampler's docstring)")
+    parser.add_argument("--controlnet", default=None,
+                        help="a diffusers ControlNetModel (path or hub id), or tiny (a random "
+                             "tiny ControlNet for --model tiny-*); needs --control-image")
+    parser.add_argument("--control-image", type=Path, default=None,
+                        help="the ControlNet's control image (file), of the target's aspect "
+                             "ratio")
     parser.add_argument("--stages", default=None,
                         help="megafusion: each stage's long side in pixels and its steps, "
                              "ascending, the last the target's long side, e.g. 1024:40,2048:10 "
@@ -113,6 +124,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="model dtype (default: fp16 on a GPU, fp32 on a CPU)")
+
+
+def load_controlnet(name: str, model: str, pipe: Any, dtype: Any) -> Any:
+    """The ControlNet named by ``--controlnet`` (``tiny``: :func:`hrkernels.testing.tiny_controlnet`
+    of a tiny pipeline), and ``pipe`` as its ControlNet pipeline
+    (:func:`hrkernels.samplers.inputs.with_controlnet`)."""
+    from hrkernels.samplers.inputs import with_controlnet
+
+    if name == "tiny":
+        if model not in TINY_MODELS:
+            raise ValueError(f"--controlnet tiny: only with --model {' / '.join(TINY_MODELS)}; "
+                             "pass a ControlNet path or hub id for other models")
+        from hrkernels.testing import tiny_controlnet
+
+        controlnet = tiny_controlnet(pipe)
+    else:
+        from diffusers import ControlNetModel
+
+        try:
+            controlnet = ControlNetModel.from_pretrained(name, torch_dtype=dtype)
+        except (OSError, ValueError) as error:
+            reason = " ".join(str(error).split())[:200]
+            raise ValueError(f"--controlnet {name!r}: cannot load a diffusers ControlNetModel "
+                             f"({reason})") from None
+        controlnet = controlnet.to(pipe.device)
+    return with_controlnet(pipe, controlnet)
 
 
 def load_pipeline(model: str, device: str, dtype: Any) -> Any:
@@ -237,18 +274,43 @@ def parse_stages(text: str) -> list[tuple[int, int]]:
     return stages
 
 
-def _call_options(args: argparse.Namespace, sampler: type) -> dict[str, Any]:
-    """The method's call options of the command line (``--image``)."""
-    if args.image is None:
-        return {}
-    if "image" not in inspect.signature(sampler.__call__).parameters:
-        raise ValueError(f"--image: {args.method} takes no input image")
+def _read_image(path: Path, flag: str) -> Any:
+    """The image file ``path`` as a PIL image (its alpha channel kept: the samplers composite
+    it)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        return {"image": Image.open(args.image).convert("RGB")}
+        with Image.open(path) as image:
+            image.load()
+            return image
     except (OSError, UnidentifiedImageError) as error:
-        raise ValueError(f"--image: cannot read {args.image}: {error}") from None
+        raise ValueError(f"{flag}: cannot read {path}: {error}") from None
+
+
+def _call_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The input images of the command line (``--image``, ``--fidelity``, ``--control-image``),
+    read before any model is loaded."""
+    if (args.controlnet is None) != (args.control_image is None):
+        raise ValueError("--controlnet and --control-image go together; pass both or neither")
+    if args.fidelity is not None and args.image is None:
+        raise ValueError("--fidelity applies to --image; pass an image")
+    options: dict[str, Any] = {}
+    if args.image is not None:
+        options["image"] = _read_image(args.image, "--image")
+        options["fidelity"] = args.fidelity
+    if args.control_image is not None:
+        options["control_image"] = _read_image(args.control_image, "--control-image")
+    return options
+
+
+def _default_size(base: int, image: Any) -> tuple[int, int]:
+    """``(height, width)`` when the command line gives none: 2x the base size on the long side,
+    at ``image``'s aspect ratio when there is one (multiples of 8)."""
+    if image is None:
+        return 2 * base, 2 * base
+    width, height = image.size
+    scale = 2 * base / max(width, height)
+    return (max(8, round(height * scale / 8) * 8), max(8, round(width * scale / 8) * 8))
 
 
 def _check_modes(args: argparse.Namespace, sampler: type) -> None:
@@ -309,14 +371,17 @@ def run(args: argparse.Namespace) -> int:
         return _run_prompts(args, sampler_class, device, dtype)
     check_outputs(args.out, args.previews)
     options = _sampler_options(args, sampler_class)
-    call_options = _call_options(args, sampler_class)
+    call_options = _call_options(args)
     if distributed.world_size() > 1:
         distributed.init("nccl" if device.startswith("cuda") else "gloo")
         options["parallel"] = args.parallel or sampler_class.parallel_modes[0]
     pipe = load_pipeline(args.model, device, dtype)
+    if args.controlnet is not None:
+        pipe = load_controlnet(args.controlnet, args.model, pipe, dtype)
     sampler = sampler_class(pipe, **options)
-    base = sampler.adapter.base_size
-    height, width = args.height or 2 * base, args.width or 2 * base
+    default_height, default_width = _default_size(sampler.adapter.base_size,
+                                                  call_options.get("image"))
+    height, width = args.height or default_height, args.width or default_width
     generator = torch.Generator(device=device).manual_seed(args.seed)
     steps = {} if args.steps is None else {"num_inference_steps": args.steps}
     output = sampler(prompt=args.prompt, negative_prompt=args.negative_prompt, height=height,

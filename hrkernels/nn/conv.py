@@ -322,6 +322,15 @@ class ReDilatedConvForward:
         running = self._running
         if running is None:
             return self._original_forward(input)
+        hook = getattr(self.conv, "_hf_hook", None)
+        if hook is None:
+            return self._dilated(input, running)
+        # An offload hook (enable_sequential_cpu_offload) owns the weights: run it around the
+        # dilated convolution as accelerate runs it around the module's own forward.
+        args, _ = hook.pre_forward(self.conv, input)
+        return hook.post_forward(self.conv, self._dilated(args[0], running))
+
+    def _dilated(self, input: torch.Tensor, running: str) -> torch.Tensor:
         setting = self._settings[running]
         weight = self.conv.weight
         if setting.dispersion_scale is not None:

@@ -16,6 +16,8 @@ The framework they stand on (each module imports only the ones above it):
 * :mod:`~hrkernels.samplers.pipelines` -- one adapter per model family (SD 1.5/2.x, SDXL, IF stage
   I and II, SD3): prompt
   encoding, the model call and its extra inputs, latents -> images.
+* :mod:`~hrkernels.samplers.inputs` -- the input image, ControlNet images per view and IP-Adapter
+  embeddings of a call, checked before any model work.
 * :mod:`~hrkernels.samplers.schedulers` -- fresh schedulers per stage, noising coefficients by step,
   step options, which schedulers keep a skip residual.
 * :mod:`~hrkernels.samplers.engine` -- fixed-shape view batches, guidance strategies (CFG,

@@ -74,6 +74,9 @@ class APT(DemoFusion):
         eta: the former name of ``scale_aware_eta`` (deprecated: it is easily confused with
             DDIM's eta).
 
+    ``image``, ``fidelity`` and the ControlNet views: as :class:`DemoFusion` (``image`` replaces
+    the first stage's result; ``fidelity`` sets the skip residual's exponent ``a1``).
+
     Example::
 
         >>> out = APT(pipe)(prompt="a castle", height=2048, width=2048,

@@ -22,6 +22,13 @@ from hrkernels.samplers.engine import (
     guidance_for,
     uses_uncond,
 )
+from hrkernels.samplers.inputs import (
+    as_pixels,
+    batch_rows,
+    check_image_size,
+    control_inputs,
+    ip_adapter_conditioning,
+)
 from hrkernels.samplers.outputs import SamplerOutput, StageResult
 from hrkernels.samplers.pipelines import OUTPUT_TYPES, adapter_for
 from hrkernels.samplers.schedulers import (
@@ -182,6 +189,27 @@ class Sampler:
                    step_options: dict[str, Any], **method_options: Any) -> None:
         """Method-specific checks of a call, before any model work (default: none)."""
 
+    def check_image(self, image: Any, fidelity: Any, height: int, width: int,
+                    batch: int) -> torch.Tensor | None:
+        """``image`` as ``[n, 3, H, W]`` float32 in [0, 1] (CPU or its own device; alpha over
+        white), None without; ``fidelity`` in [0, 1], given only with ``image``.
+
+        Raises:
+            TypeError / ValueError: a bad image (type, channels, aspect ratio, count), a
+                fidelity out of range or without an image.
+        """
+        if fidelity is not None:
+            check_real(fidelity, "fidelity", minimum=0, maximum=1)
+            if image is None:
+                raise ValueError(f"{self.name}: fidelity applies to image=; pass an image (or no "
+                                 "fidelity)")
+        if image is None:
+            return None
+        pixels = as_pixels(image, "image", background=1.0)
+        check_image_size(pixels, "image", height, width)
+        batch_rows(pixels, batch, "image")
+        return pixels
+
     def generate(self, run: Run, sizes: list[tuple[int, int]]) -> list[StageResult]:
         """Run the stages; one :class:`StageResult` per stage (latents float32). Method call
         options (:meth:`sample`'s ``method_options``) are in ``run.options``."""
@@ -239,6 +267,14 @@ class Sampler:
         step_options: Mapping[str, Any] | None = None,
         eta: float | None = None,
         progress: bool = True,
+        image: Any = None,
+        fidelity: float | None = None,
+        control_image: Any = None,
+        controlnet_conditioning_scale: float | list[float] | None = None,
+        control_guidance_start: float | list[float] | None = None,
+        control_guidance_end: float | list[float] | None = None,
+        ip_adapter_image: Any = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         method_options: Mapping[str, Any] | None = None,
     ) -> SamplerOutput:
         """Generate images of ``height x width`` pixels.
@@ -266,6 +302,24 @@ class Sampler:
             eta: DDIM's eta, a shorthand for ``step_options={"eta": eta}`` (the scheduler's step
                 must take it).
             progress: show a tqdm bar per stage.
+            image: an existing image to start from (a PIL image, a float tensor ``[n, C, H, W]``
+                / ``[C, H, W]`` or array ``[n, H, W, C]`` / ``[H, W, C]`` in [0, 1], C = 3, 1 or
+                4: an alpha channel is composited over white), of the target's aspect ratio;
+                ``n`` 1 or the batch. What it replaces is the method's (its docstring):
+                progressive methods take it as their first stage's result.
+            fidelity: how much of ``image`` the result keeps, in [0, 1] (needs ``image``); the
+                knob it maps to is the method's (its docstring); None: the method's default.
+            control_image, controlnet_conditioning_scale, control_guidance_start,
+            control_guidance_end: with a ``StableDiffusionControlNetPipeline`` /
+                ``StableDiffusionXLControlNetPipeline``, as its own ``__call__`` takes them (one
+                image, or a list with one per ControlNet of a ``MultiControlNetModel``; the
+                image's aspect ratio the target's; alpha composited over black). The control
+                image is resized to every stage; each view gets its crop (local windows) or
+                sub-sampled image (dilated views) (:class:`hrkernels.samplers.inputs.
+                ControlInputs`); the ControlNet runs once per UNet call on the same rows.
+            ip_adapter_image, ip_adapter_image_embeds: with an IP-Adapter loaded
+                (``pipe.load_ip_adapter``), as the pipeline's own ``__call__`` takes them; the
+                embeddings reach every UNet call, one row per view row.
             method_options: the call options of the method (its ``__call__`` documents them),
                 given to :meth:`check_call` and :meth:`generate` as ``run.options``.
 
@@ -301,6 +355,13 @@ class Sampler:
         self.check_call(sizes, num_inference_steps, options, **method)
         progress = progress and getattr(self.executor, "is_main", True)  # rank 0's bars only
         adapter = self.adapter
+        batch = _prompt_batch(prompt, prompt_embeds) * check_int(
+            num_images_per_prompt, "num_images_per_prompt", minimum=1)
+        pixels = self.check_image(image, fidelity, height, width, batch)
+        controls = control_inputs(adapter, control_image, controlnet_conditioning_scale,
+                                  control_guidance_start, control_guidance_end, height=height,
+                                  width=width, batch=batch,
+                                  num_inference_steps=num_inference_steps)
         generator = resolve_generator(generator, adapter.device)
         cond = adapter.encode_prompts(
             guided=uses_uncond(guidance), size=(height, width),
@@ -310,10 +371,14 @@ class Sampler:
             pooled_prompt_embeds=pooled_prompt_embeds,
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
         )
-        run = Run(sampler=self.name, adapter=adapter, engine=Engine(adapter, cond, self.executor),
+        cond = ip_adapter_conditioning(adapter, cond, ip_adapter_image, ip_adapter_image_embeds,
+                                       num_images_per_prompt)
+        engine = Engine(adapter, cond, self.executor, controls=controls)
+        run = Run(sampler=self.name, adapter=adapter, engine=engine,
                   guidance=guidance, generator=generator, num_inference_steps=num_inference_steps,
                   step_options=options, callback=callback_on_step_end, progress=progress,
-                  num_stages=len(sizes), options=method)
+                  num_stages=len(sizes), options=method, image=pixels,
+                  fidelity=None if image is None else fidelity)
         with self._in_step() as exchanges:
             with _step_kept(adapter.model):
                 stages = self.generate(run, sizes)
@@ -333,6 +398,16 @@ class Sampler:
         statistics), else nothing (yields None)."""
         session = getattr(self.executor, "session", None)
         return contextlib.nullcontext() if session is None else session(self.name)
+
+
+def _prompt_batch(prompt: Any, prompt_embeds: Any) -> int:
+    """Prompts in a call (before ``num_images_per_prompt``): a list's length, an embeddings
+    tensor's batch, else 1 (the prompt arguments are checked in full when encoded)."""
+    if isinstance(prompt, list):
+        return max(1, len(prompt))
+    if prompt is None and isinstance(prompt_embeds, torch.Tensor) and prompt_embeds.dim() > 0:
+        return prompt_embeds.shape[0]
+    return 1
 
 
 @contextlib.contextmanager

@@ -25,7 +25,8 @@ UniPC; DPM-Solver singlestep; Heun), DemoFusion samples with DDIM built from the
 warns once; a scheduler passed explicitly (``scheduler=``) that does not is an error
 (:func:`hrkernels.samplers.schedulers.keeps_sample`).
 
-Randomness, all from the one ``generator`` in this order: stage 1's initial noise; then per stage
+Randomness, all from the one ``generator`` in this order: stage 1's initial noise (with ``image``:
+the VAE's posterior sample of it); then per stage
 ``s >= 2``: the stage's noise ``[B, C, h, w]``, then the window jitter of every step of the stage
 (one :func:`hrkernels.ops.window_grid` draw per step, drawn before the stage's loop); stochastic
 schedulers (e.g. Euler with ``s_churn > 0``, DDIM with ``eta > 0``) draw their own noise from the
@@ -52,7 +53,9 @@ from hrkernels.samplers.stages import (
     StageSchedule,
     StepState,
     denoising_step,
+    fidelity_exponent,
     global_stats,
+    image_latent,
     initial_latents,
     randn,
     run_stage,
@@ -85,6 +88,15 @@ class DemoFusion(Sampler):
         executor: runs the UNet calls (default: one process).
         parallel: ``"views"`` or ``"cfg"``: share the UNet calls across the ranks of
             :func:`hrkernels.distributed.init` (:class:`~hrkernels.samplers.Sampler`).
+
+    The call takes :meth:`Sampler.sample`'s arguments. ``image``: resized to the first stage's
+    size and encoded, it replaces the first stage's result (the later stages run as usual, from
+    its upsampled latent, and match its statistics); ``fidelity`` sets the skip residual's
+    exponent ``a1`` to ``2 (1 - fidelity) cosine_scales[0]`` (0.5: the configured ``a1``, 3; 1:
+    ``a1 = 0``, the noised input at every step; None: the configured ``a1``). With a ControlNet
+    pipeline, a local window's ControlNet sees the window's crop of the control image (at the
+    stage's size, times ``f``), a dilated view its sub-sampled image
+    (:meth:`~hrkernels.samplers.inputs.ControlInputs.dilated`).
 
     Raises:
         TypeError: ``pipe`` is not a supported pipeline, or an argument of the wrong type.
@@ -221,7 +233,10 @@ class DemoFusion(Sampler):
 
     def base_stage(self, run: Run, sizes: list[tuple[int, int]], size: tuple[int, int],
                    batch_sizes: dict[tuple[int, int], int]) -> torch.Tensor:
-        """Stage 1: ordinary sampling at the base size."""
+        """Stage 1: ordinary sampling at the base size, or the caller's ``image`` encoded at
+        that size."""
+        if run.image is not None:
+            return image_latent(run, sizes[0])
         schedule = self.schedule_for(1, sizes, run.num_inference_steps, run.device)
         z = initial_latents(run, size, schedule.scheduler)
         return run_stage(run, 1, size, schedule, z, denoising_step(run, schedule, batch_sizes))
@@ -234,13 +249,17 @@ class DemoFusion(Sampler):
         schedule = self.schedule_for(stage, sizes, run.num_inference_steps, run.device)
         main = schedule.scheduler
         kwargs = step_kwargs(main, run.generator, run.step_options)
-        skip = SkipResidual(z0, randn(z0.shape, run.generator, run.device), self.cosine_scales[0])
+        skip = SkipResidual(z0, randn(z0.shape, run.generator, run.device),
+                            fidelity_exponent(self.cosine_scales[0], run.fidelity))
         # Jitter of every step, drawn before the loop (window_grid builds its grid on the host).
         starts = [ops.window_grid(size[0], size[1], window, self.stride, self.jitter,
                                   generator=run.generator, device=run.device)
                   for _ in range(len(schedule) if self.jitter else 1)]
         crops = [s.clamp(min=0).mul(self.adapter.vae_scale_factor)[:, None]
                  .expand(-1, run.batch, 2).reshape(-1, 2) for s in starts]
+        controls = run.controls
+        # The dilated views' control images do not change within the stage: cut once.
+        dilated_control = None if controls is None else controls.dilated(size, stage)
         _, a2, a3 = self.cosine_scales
         dilation = stage
         kernel = 2 * dilation - 1
@@ -258,8 +277,11 @@ class DemoFusion(Sampler):
             if pad_h or pad_w:
                 blurred = F.pad(blurred, (0, pad_w, 0, pad_h))
             dilated = ops.gather_dilated(blurred, dilation)
+            local_control = (None if controls is None else
+                             controls.windows(size, starts[jitter], window))
             eps_local, eps_global = run.engine(
-                state.model_timestep, [ViewSet(local, crops[jitter]), ViewSet(dilated)],
+                state.model_timestep, [ViewSet(local, crops[jitter], local_control),
+                                       ViewSet(dilated, control=dilated_control)],
                 batch_sizes, run.guidance)
             eps_local = ops.scatter_windows_mean(eps_local, starts[jitter], size)
             eps_global = ops.scatter_dilated(eps_global, dilation)

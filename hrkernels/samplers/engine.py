@@ -35,6 +35,7 @@ import torch
 
 from hrkernels import patching
 from hrkernels._validate import check_int, check_real
+from hrkernels.samplers.inputs import ControlInputs
 from hrkernels.samplers.pipelines import Conditioning, ModelCall, PipelineAdapter
 
 __all__ = [
@@ -221,11 +222,14 @@ class ViewSet:
 
     ``views``: ``[N*B, C, vh, vw]`` (already scaled by ``scheduler.scale_model_input``), any float
     dtype; ``crops``: ``[N*B, 2]`` int64 (top, left) in pixels of each view in the image (SDXL's
-    ``crops_coords_top_left``), None for (0, 0).
+    ``crops_coords_top_left``), None for (0, 0); ``control``: with a ControlNet, per ControlNet the
+    control image of each view, ``[N*B, 3, vh f, vw f]`` (from
+    :class:`hrkernels.samplers.inputs.ControlInputs`: ``full``, ``windows``, ``dilated``).
     """
 
     views: torch.Tensor
     crops: torch.Tensor | None = None
+    control: tuple[torch.Tensor, ...] | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,17 +272,26 @@ class Engine:
     the guidance's passes. Every model call of a run goes through :meth:`evaluate`, which counts it
     (``calls``: ``{(rows, h, w): count}``).
 
+    With a ControlNet (``controls``), every view set carries its views' control images, which
+    go into the calls beside the views (padded, repeated per branch) with the ControlNet scales
+    of the current step (:meth:`set_step`; a step where every scale is 0 runs no ControlNet).
+
     Args:
         adapter: the pipeline's adapter.
-        cond: the encoded prompts.
+        cond: the encoded prompts (and IP-Adapter embeddings).
         executor: runs the calls (default :class:`LocalExecutor`).
+        controls: the call's ControlNet conditioning, or None.
     """
 
     def __init__(self, adapter: PipelineAdapter, cond: Conditioning,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None,
+                 controls: ControlInputs | None = None) -> None:
         self.adapter = adapter
         self.cond = cond
         self.executor = executor or LocalExecutor()
+        self.controls = controls
+        self.control_scales: tuple[float, ...] = ()
+        self.set_step(0)
         self.dtype = adapter.dtype
         self.device = adapter.device
         self.calls: Counter[tuple[int, int, int]] = Counter()
@@ -331,6 +344,13 @@ class Engine:
         return {name: parts[0] if len(parts) == 1 else torch.cat(parts)
                 for name, parts in rows.items()}
 
+    def set_step(self, index: int) -> None:
+        """The global step index the next calls belong to (the stage loop sets it): picks the
+        ControlNet scales of that step (``control_guidance_start/end``)."""
+        if self.controls is not None:
+            scales = self.controls.step_scales(index)
+            self.control_scales = scales if any(scales) else ()
+
     # -- the choke point --------------------------------------------------------------------------
 
     def evaluate(self, call: ModelCall) -> torch.Tensor:
@@ -379,6 +399,7 @@ class Engine:
                                      device=self.device))
         inputs = torch.cat(parts) if len(parts) > 1 else parts[0]
         micro = self._micro(view_sets, padding)
+        control = self._control(view_sets, padding)
         passes = guidance.passes
         missing = [p.branches for p in passes if (0, k, p.branches) not in self._text]
         if missing:
@@ -399,6 +420,9 @@ class Engine:
                            else value[window] for name, value in micro.items()},
                     variant=step_pass.variant,
                     branches=step_pass.branches,
+                    control=tuple(torch.cat([value[window]] * repeat) if repeat > 1
+                                  else value[window] for value in control),
+                    control_scales=self.control_scales if control else (),
                 ))
         out = torch.empty(count * k, channels, *shape, dtype=torch.float32, device=self.device)
 
@@ -408,6 +432,23 @@ class Engine:
 
         self.executor.run(self.evaluate, calls, consume)
         return out[:rows]
+
+    def _control(self, view_sets: Sequence[ViewSet], padding: int) -> tuple[torch.Tensor, ...]:
+        """Per ControlNet, the control images of a group's rows (padding rows: zeros); empty
+        when no ControlNet runs this step."""
+        if not self.control_scales:
+            return ()
+        if any(view_set.control is None for view_set in view_sets):
+            raise RuntimeError("Engine: this call has a ControlNet but a view set came without "
+                               "its control images (ViewSet.control; see "
+                               "hrkernels.samplers.inputs.ControlInputs)")
+        rows = []
+        for net, first in enumerate(view_sets[0].control):
+            parts = [view_set.control[net] for view_set in view_sets]
+            if padding:
+                parts.append(first.new_zeros(padding, *first.shape[1:]))
+            rows.append(torch.cat(parts) if len(parts) > 1 else parts[0])
+        return tuple(rows)
 
     def _micro(self, view_sets: Sequence[ViewSet], padding: int) -> dict[str, torch.Tensor]:
         """The family's micro-conditioning rows of a group (padding rows: crop (0, 0))."""

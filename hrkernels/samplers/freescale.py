@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -45,10 +44,11 @@ from hrkernels.samplers.stages import (
     Run,
     SkipResidual,
     denoising_step,
+    fidelity_exponent,
+    image_latent,
     initial_latents,
     randn,
     relay,
-    resize_pixels,
     run_stage,
     stage_patches,
     stage_schedule,
@@ -88,9 +88,11 @@ class FreeScale(Sampler):
         parallel: ``"cfg"``: the guidance branches on different ranks of
             :func:`hrkernels.distributed.init` (:class:`~hrkernels.samplers.Sampler`).
 
-    The call takes :meth:`Sampler.sample`'s arguments and ``image``: an existing image (PIL
-    image, ``[B, 3, H, W]`` / ``[3, H, W]`` tensor in [0, 1], or ``[H, W, 3]`` / ``[B, H, W, 3]``
-    array in [0, 1]) that replaces the first stage's result (resized to its size).
+    The call takes :meth:`Sampler.sample`'s arguments. ``image``: an existing image that replaces
+    the first stage's (the 1x) result, resized to its size and encoded; ``fidelity`` sets the skip
+    residual's exponent to ``2 (1 - fidelity) alpha`` (0.5: ``alpha``; 1: 0, the relayed input
+    noised at every step; None: ``alpha``). With a ControlNet pipeline the ControlNet sees the
+    whole control image at each stage's size.
 
     Example::
 
@@ -115,22 +117,12 @@ class FreeScale(Sampler):
                                           maximum=total)
         self.fusion = ScaleFusion(sigma=sigma, fast_mode=fast_mode, feature_blur=feature_blur)
 
-    def __call__(self, prompt: str | list[str] | None = None, *, image: Any = None,
-                 **kwargs: Any):
-        """:meth:`Sampler.sample`, plus ``image`` (see the class docstring)."""
-        return self.sample(prompt, method_options={"image": image}, **kwargs)
-
     def plan(self, height: int, width: int, num_inference_steps: int) -> FreeScalePlan:
         """The cascade a call at this size and step count runs."""
         return freescale_plan(self.pipe, height, width, num_inference_steps, self.fusion)
 
     def stage_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
         return [(stage.height, stage.width) for stage in self.plan(height, width, 1).stages]
-
-    def check_call(self, sizes: list[tuple[int, int]], num_inference_steps: int,
-                   step_options: dict[str, Any], image: Any = None) -> None:
-        if image is not None:
-            _as_tensor(image)
 
     def restart_index(self, timesteps: torch.Tensor) -> int:
         """``K``: the first step index whose timestep is ``<= restart_timestep`` (the last step
@@ -156,31 +148,22 @@ class FreeScale(Sampler):
             f"{run.num_inference_steps - 1}, one UNet call of {rows} rows per step"
             + ("" if k == 1 else f", Scale Fusion, dilation {s.scale} until step "
                f"{plan.dilated_until}") for k, s in enumerate(plan.stages, start=1))
+        if run.image is not None:
+            run.plan[-len(plan.stages)] = (f"stage 1 ({first.width}x{first.height}): the input "
+                                           "image, encoded (no sampling)")
         logger.info("%s plan: %s", self.name, "; ".join(run.plan))
-        image = run.options.get("image")
         batch_sizes = run.engine.plan({latent: [run.batch]}, self.view_batch_size, run.guidance)
-        if image is None:
+        if run.image is None:
             z = run_stage(run, 1, latent, schedule, initial_latents(run, latent,
                                                                     schedule.scheduler),
                           denoising_step(run, schedule, batch_sizes))
         else:
-            z = self.encode_image(run, image, first)
+            z = image_latent(run, (first.height, first.width))
         stages = [StageResult(1, first.height, first.width, z)]
         for number, stage in enumerate(plan.stages[1:], start=2):
             z = self.upscale_stage(run, number, stage, z, restart)
             stages.append(StageResult(number, stage.height, stage.width, z))
         return stages
-
-    def encode_image(self, run: Run, image: Any, stage: FreeScaleStage) -> torch.Tensor:
-        """The caller's image as the first stage's latent: resized (bicubic) to the stage's
-        size, encoded; one per image of the batch."""
-        pixels = resize_pixels(_as_tensor(image).to(run.device, torch.float32),
-                               (stage.height, stage.width))
-        if pixels.shape[0] not in (1, run.batch):
-            raise ValueError(f"image holds {pixels.shape[0]} images; pass 1 or {run.batch} "
-                             "(the prompts times num_images_per_prompt)")
-        pixels = pixels.expand(run.batch, -1, -1, -1)
-        return self.adapter.encode(pixels, run.generator)
 
     def relay(self, run: Run, z: torch.Tensor, stage: FreeScaleStage) -> torch.Tensor:
         """The previous stage's latent in RGB, resized to ``stage``'s size, encoded: ``z0``
@@ -195,7 +178,7 @@ class FreeScale(Sampler):
         schedule = stage_schedule(self.scheduler_template, run.num_inference_steps, run.device,
                                   scheduler_class=self.scheduler_class(), start=restart,
                                   noised=True)
-        alpha = self.alpha
+        alpha = fidelity_exponent(self.alpha, run.fidelity)
         if isinstance(alpha, torch.Tensor):
             alpha = F.interpolate(alpha[None, None].to(run.device, torch.float32), size=latent,
                                   mode="bilinear", align_corners=False)
@@ -209,35 +192,3 @@ class FreeScale(Sampler):
                              denoising_step(run, schedule, batch_sizes), skip=skip)
 
 
-def _as_tensor(image: Any) -> torch.Tensor:
-    """An image argument as a ``[B, 3, H, W]`` float tensor in [-1, 1].
-
-    Raises:
-        TypeError: not a PIL image, tensor or array (or a list of PIL images).
-        ValueError: a tensor/array of the wrong rank or channel count.
-    """
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        image = [image]
-    if isinstance(image, list) and image and all(isinstance(i, Image.Image) for i in image):
-        arrays = [np.asarray(i.convert("RGB"), dtype=np.float32) / 255.0 for i in image]
-        if len({a.shape for a in arrays}) != 1:
-            raise ValueError("image: the PIL images must all have the same size")
-        tensor = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    elif isinstance(image, np.ndarray):
-        array = image[None] if image.ndim == 3 else image
-        if array.ndim != 4 or array.shape[-1] != 3:
-            raise ValueError("image as an array must be [H, W, 3] or [B, H, W, 3] in [0, 1]; got "
-                             f"shape {image.shape}")
-        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(0, 3, 1,
-                                                                                         2)
-    elif isinstance(image, torch.Tensor):
-        tensor = image[None] if image.dim() == 3 else image
-        if tensor.dim() != 4 or tensor.shape[1] != 3 or not tensor.is_floating_point():
-            raise ValueError("image as a tensor must be a float [3, H, W] or [B, 3, H, W] in "
-                             f"[0, 1]; got shape {tuple(image.shape)}, {image.dtype}")
-    else:
-        raise TypeError("image must be a PIL image (or a list of them), a [B, 3, H, W] tensor or "
-                        f"an [H, W, 3] array in [0, 1]; got {type(image).__name__}")
-    return tensor.float() * 2 - 1

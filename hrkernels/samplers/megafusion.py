@@ -46,7 +46,7 @@ from hrkernels._validate import check_bool, check_int, describe
 from hrkernels.presets import megafusion as megafusion_dilation
 from hrkernels.samplers.base import Sampler
 from hrkernels.samplers.engine import Executor, ViewSet
-from hrkernels.samplers.freescale import _as_tensor
+from hrkernels.samplers.inputs import as_pixels
 from hrkernels.samplers.outputs import StageResult
 from hrkernels.samplers.schedulers import fresh_scheduler, noising_coefficients, step_kwargs
 from hrkernels.samplers.stages import (
@@ -54,6 +54,7 @@ from hrkernels.samplers.stages import (
     StageSchedule,
     StepFunction,
     StepState,
+    image_latent,
     initial_latents,
     randn,
     relay,
@@ -190,7 +191,13 @@ class MegaFusion(Sampler):
     The call takes :meth:`Sampler.sample`'s arguments, with ``num_inference_steps`` defaulting to
     the stages' sum (or the family's default), and for IF stage II ``image`` (required: the
     low-resolution image, a PIL image, ``[B, 3, h, w]`` tensor or ``[h, w, 3]`` array in [0, 1],
-    e.g. an IF stage I result) and ``noise_level`` (default 250, as the pipeline). Stage results
+    e.g. an IF stage I result) and ``noise_level`` (default 250, as the pipeline). On the latent
+    models (and IF stage I) ``image`` is the shared input image (:meth:`Sampler.sample`): resized
+    to the first stage's size and encoded, it replaces stage 1's result (no stage-1 sampling) and
+    is relayed to stage 2 as usual; ``fidelity`` picks the step stage 2 starts at: None its own
+    first step, else ``N - int(N (1 - fidelity))`` (diffusers' img2img with ``strength = 1 -
+    fidelity``), at most stage 2's last step. ControlNet and IP-Adapter conditioning reach every
+    stage (one whole-latent view per image). Stage results
     (``out.stages[k].latents``) are the clean estimates handed on (the last stage's final sample).
     A pixel-space model's output has no latents: ``output_type="latent"`` is refused.
 
@@ -343,6 +350,9 @@ class MegaFusion(Sampler):
                              "'pil', 'np' or 'pt'")
         if num_inference_steps is None:
             num_inference_steps = self.default_steps()
+        if self.adapter.family != "if-sr":  # the shared image= (it replaces stage 1's result)
+            return self.sample(prompt, num_inference_steps=num_inference_steps,
+                               output_type=output_type, image=image, **kwargs)
         return self.sample(prompt, num_inference_steps=num_inference_steps,
                            output_type=output_type,
                            method_options={"image": image, "noise_level": noise_level}, **kwargs)
@@ -360,17 +370,21 @@ class MegaFusion(Sampler):
             if image is None:
                 raise ValueError("MegaFusion: IFSuperResolutionPipeline needs image= (the "
                                  "low-resolution image it upscales, e.g. an IF stage I result)")
-            _as_tensor(image)
+            as_pixels(image, "image", background=1.0)
             total = int(self.pipe.image_noising_scheduler.config.num_train_timesteps)
             check_int(noise_level, "noise_level", minimum=0, maximum=total - 1)
-        elif image is not None:
-            raise ValueError(f"MegaFusion: image= applies to IFSuperResolutionPipeline only; got "
-                             f"a {type(self.pipe).__name__}")
 
     def generate(self, run: Run, sizes: list[tuple[int, int]]) -> list[StageResult]:
         f = self.adapter.vae_scale_factor
         steps = self.stage_steps(run.num_inference_steps, len(sizes))
         starts = [sum(steps[:k]) for k in range(len(steps))]
+        if run.image is not None:
+            if len(sizes) < 2:
+                raise ValueError("MegaFusion: image= needs at least 2 stages (it replaces the "
+                                 "first stage's result); the target is the base size")
+            starts[1] = self.image_start(run, starts[1], starts[1] + steps[1])
+            steps = [0, starts[2] - starts[1] if len(sizes) > 2 else
+                     run.num_inference_steps - starts[1], *steps[2:]]
         latents = [(h // f, w // f) for h, w in sizes]
         if self.adapter.family == "if-sr":  # the upscaled image rows must exist before plan()
             self._condition_on_image(run, latents)
@@ -381,8 +395,13 @@ class MegaFusion(Sampler):
         self._state_plan(run, sizes, steps, starts, gammas)
         results: list[StageResult] = []
         z: torch.Tensor | None = None
+        if run.image is not None:  # the caller's image is stage 1's result
+            z = image_latent(run, sizes[0])
+            results.append(StageResult(1, sizes[0][0], sizes[0][1], z))
         for k, (size, latent) in enumerate(zip(sizes, latents, strict=True)):
             number, last = k + 1, k == len(sizes) - 1
+            if k == 0 and run.image is not None:
+                continue
             schedule = self.schedule_for(run, starts[k], starts[k] + steps[k], gammas[k])
             if z is None and _is_flow(type(schedule.scheduler)):  # pure noise is x_1 of the flow
                 z = randn((run.batch, self.adapter.latent_channels, *latent), run.generator,
@@ -402,9 +421,20 @@ class MegaFusion(Sampler):
 
     # -- pieces of a call -------------------------------------------------------------------------
 
+    @staticmethod
+    def image_start(run: Run, start: int, end: int) -> int:
+        """With ``image=``: the step stage 2 starts at (its relayed input noised there).
+        ``fidelity`` None: ``start`` (the stage's own); else ``N - int(N (1 - fidelity))``
+        (diffusers' img2img with ``strength = 1 - fidelity``), at most ``end - 1``."""
+        if run.fidelity is None:
+            return start
+        steps = run.num_inference_steps
+        return min(steps - int(steps * (1.0 - run.fidelity)), end - 1)
+
     def _condition_on_image(self, run: Run, latents: list[tuple[int, int]]) -> None:
         """IF stage II: the low-resolution image, upscaled and noised at every stage's size."""
-        image = _as_tensor(run.options["image"]).to(run.device, torch.float32)
+        image = as_pixels(run.options["image"], "image", background=1.0)
+        image = (image * 2 - 1).to(run.device, torch.float32)
         if image.shape[0] not in (1, run.batch):
             raise ValueError(f"image holds {image.shape[0]} images; pass 1 or {run.batch} (the "
                              "prompts times num_images_per_prompt)")
@@ -418,6 +448,9 @@ class MegaFusion(Sampler):
         rows = run.batch * max(len(p.branches) for p in run.guidance.passes)
         relay_kind = "resize" if self.adapter.pixel_space else "decode, resize, encode"
         for k, ((h, w), count) in enumerate(zip(sizes, steps, strict=True)):
+            if count == 0:  # image=: the input image is the stage's result
+                run.plan.append(f"stage {k + 1} ({w}x{h}): the input image, encoded")
+                continue
             line = (f"stage {k + 1} ({w}x{h}): steps {starts[k]} to {starts[k] + count - 1} of "
                     f"{run.num_inference_steps}, one model call of {rows} rows per step")
             if k > 0:
@@ -452,8 +485,8 @@ class MegaFusion(Sampler):
 
         def step(state: StepState, z: torch.Tensor) -> torch.Tensor:
             zin = z if flow else scheduler.scale_model_input(z, state.timestep)
-            (prediction,) = run.engine(state.model_timestep, [ViewSet(zin)], batch_sizes,
-                                       run.guidance)
+            view = ViewSet(zin, control=run.control_views(tuple(z.shape[2:])))
+            (prediction,) = run.engine(state.model_timestep, [view], batch_sizes, run.guidance)
             if truncate and state.last:
                 if flow:  # x0 = x_t - sigma_t v
                     return z - sigmas[state.step] * prediction

@@ -9,7 +9,9 @@ A sampler never branches on the model family; it asks its :class:`PipelineAdapte
   branches of guidance);
 * one model evaluation (:meth:`PipelineAdapter.denoise`) of a :class:`ModelCall`: the rows, the
   timestep, the text rows and the family's extra inputs (SDXL's micro-conditioning, built from
-  each view's crop by :meth:`PipelineAdapter.micro_conditioning`);
+  each view's crop by :meth:`PipelineAdapter.micro_conditioning`), with the pipeline's ControlNet
+  run on the call's control images and IP-Adapter embeddings passed
+  (:meth:`PipelineAdapter.run_unet`);
 * latents -> the caller's ``output_type`` (:meth:`PipelineAdapter.to_images`: the VAE, the safety
   checker where the pipeline has one, post-processing).
 
@@ -33,7 +35,9 @@ from diffusers import (
     IFPipeline,
     IFSuperResolutionPipeline,
     StableDiffusion3Pipeline,
+    StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLControlNetPipeline,
     StableDiffusionXLPipeline,
 )
 
@@ -42,6 +46,7 @@ from hrkernels._validate import check_int, describe
 
 __all__ = [
     "ADAPTERS",
+    "IMAGE_EMBEDS",
     "Conditioning",
     "IFAdapter",
     "IFSuperResolutionAdapter",
@@ -55,6 +60,8 @@ __all__ = [
 ]
 
 OUTPUT_TYPES = ("pil", "pt", "np", "latent")
+# Conditioning rows named ``image_embeds.<i>`` are IP-Adapter ``i``'s image embeddings.
+IMAGE_EMBEDS = "image_embeds"
 
 
 @dataclass
@@ -94,6 +101,9 @@ class ModelCall:
     model's configuration to run (:func:`hrkernels.patching.variant`), None for the active one;
     ``branches``: the guidance branches stacked in the rows, in equal blocks (``("uncond",
     "cond")``: ``[uncond x k, cond x k]``; empty when unknown).
+    ``control``: per ControlNet the control images of the rows, ``[R, 3, h f, w f]`` in the
+    ControlNet's dtype (empty: no ControlNet this call), with ``control_scales`` (one
+    ``conditioning_scale`` each).
 
     A field added here that holds per-row inputs must be a tensor (or a dict, list or tuple of
     tensors) whose first dimension is ``R``, so :meth:`select_rows` cuts it with the sample.
@@ -105,6 +115,8 @@ class ModelCall:
     micro: dict[str, torch.Tensor] = field(default_factory=dict)
     variant: str | None = None
     branches: tuple[str, ...] = ()
+    control: tuple[torch.Tensor, ...] = ()
+    control_scales: tuple[float, ...] = ()
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -202,6 +214,20 @@ class PipelineAdapter:
         return self.base_latent_size * self.vae_scale_factor
 
     @property
+    def controlnet(self) -> torch.nn.Module | None:
+        """The pipeline's ControlNet module (a ``ControlNetModel`` or ``MultiControlNetModel``), or
+        None."""
+        return getattr(self.pipe, "controlnet", None)
+
+    @property
+    def controlnets(self) -> tuple[torch.nn.Module, ...]:
+        """The ControlNets, one per control image (empty without)."""
+        net = self.controlnet
+        if net is None:
+            return ()
+        return tuple(getattr(net, "nets", None) or (net,))
+
+    @property
     def latent_channels(self) -> int:
         return int(self.model.config.in_channels)
 
@@ -235,6 +261,37 @@ class PipelineAdapter:
         (a family whose model predicts more, e.g. a learned variance, returns the noise part), in
         the model's dtype."""
         raise NotImplementedError
+
+    def run_unet(self, call: ModelCall, added: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """The UNet on one call, as diffusers' pipelines call it: ``encoder_hidden_states`` from
+        the text rows, ``added`` (the family's ``added_cond_kwargs``, or None) plus the
+        IP-Adapter embeddings (``added_cond_kwargs["image_embeds"]``, a list with one ``[R,
+        ...]`` per adapter), and the ControlNet's residuals on the call's control images
+        (``down_block_additional_residuals`` / ``mid_block_additional_residual``; one ControlNet
+        call, of all the call's rows, per UNet call). The modules are called through their
+        ``forward``, so offload hooks (``enable_model_cpu_offload``) move them."""
+        hidden = call.text["encoder_hidden_states"]
+        residuals = self.control_residuals(call, hidden, added) if call.control else {}
+        embeds = [call.text[name] for name in sorted(call.text)
+                  if name.startswith(IMAGE_EMBEDS + ".")]
+        if embeds:
+            added = {**(added or {}), IMAGE_EMBEDS: embeds}
+        return self.model(call.sample, call.timestep, encoder_hidden_states=hidden,
+                          added_cond_kwargs=added, return_dict=False, **residuals)[0]
+
+    def control_residuals(self, call: ModelCall, hidden: torch.Tensor,
+                          added: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+        """The ControlNet's residuals for the call's rows (summed over the nets of a
+        ``MultiControlNetModel``, each at its scale), as the UNet's keyword arguments."""
+        net = self.controlnet
+        multi = len(self.controlnets) > 1
+        sample = call.sample.to(net.dtype)
+        down, mid = net(sample, call.timestep, encoder_hidden_states=hidden.to(net.dtype),
+                        controlnet_cond=list(call.control) if multi else call.control[0],
+                        conditioning_scale=list(call.control_scales) if multi
+                        else call.control_scales[0],
+                        added_cond_kwargs=added, return_dict=False)
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
     # -- output -----------------------------------------------------------------------------------
 
@@ -348,7 +405,7 @@ class StableDiffusionAdapter(PipelineAdapter):
     the safety checker runs where the pipeline has one."""
 
     family = "sd"
-    pipeline_classes = (StableDiffusionPipeline,)
+    pipeline_classes = (StableDiffusionPipeline, StableDiffusionControlNetPipeline)
     _SDXL_ONLY = ("prompt_2", "negative_prompt_2", "pooled_prompt_embeds",
                   "negative_pooled_prompt_embeds")
 
@@ -377,9 +434,7 @@ class StableDiffusionAdapter(PipelineAdapter):
         )
 
     def denoise(self, call: ModelCall) -> torch.Tensor:
-        return self.model(call.sample, call.timestep,
-                          encoder_hidden_states=call.text["encoder_hidden_states"],
-                          added_cond_kwargs=None, return_dict=False)[0]
+        return self.run_unet(call, None)
 
     def to_images(self, latents: torch.Tensor, output_type: str) -> Any:
         if output_type == "latent" or getattr(self.pipe, "safety_checker", None) is None:
@@ -398,7 +453,7 @@ class SDXLAdapter(PipelineAdapter):
     own crop (METHODS.md, DemoFusion, "SDXL micro-conditioning")."""
 
     family = "sdxl"
-    pipeline_classes = (StableDiffusionXLPipeline,)
+    pipeline_classes = (StableDiffusionXLPipeline, StableDiffusionXLControlNetPipeline)
     uses_crops = True
     # time_ids per row: original size, crop, target size.
     TIME_IDS = 6
@@ -437,9 +492,7 @@ class SDXLAdapter(PipelineAdapter):
 
     def denoise(self, call: ModelCall) -> torch.Tensor:
         added = {"text_embeds": call.text["text_embeds"], "time_ids": call.micro["time_ids"]}
-        return self.model(call.sample, call.timestep,
-                          encoder_hidden_states=call.text["encoder_hidden_states"],
-                          added_cond_kwargs=added, return_dict=False)[0]
+        return self.run_unet(call, added)
 
 
 ADAPTERS: list[type[PipelineAdapter]] = []

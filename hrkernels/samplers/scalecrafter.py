@@ -18,8 +18,13 @@ configuration), also when the call raises. Specs the user patched into the UNet'
 configuration do not run during the call (the sampler's configuration is active); FreeU
 (``pipe.enable_freeu``) does, as it lives in the UNet's blocks.
 
-Randomness: the initial noise, then whatever a stochastic step (DDIM ``eta > 0``) draws, from the
-one ``generator``.
+With ``image`` (image-to-image at the target size): the image is resized to the target and encoded,
+noised to the start step ``K = N - int(N (1 - fidelity))`` (diffusers' img2img with ``strength = 1 -
+fidelity``, at least one step run) and sampled from there; ``fidelity`` defaults to
+:data:`DEFAULT_FIDELITY` (0.2, diffusers' img2img default strength 0.8).
+
+Randomness: the initial noise (with ``image``: the VAE's posterior sample, then the noise it is
+noised with), then whatever a stochastic step (DDIM ``eta > 0``) draws, from the one ``generator``.
 """
 
 from __future__ import annotations
@@ -41,9 +46,12 @@ from hrkernels.samplers.engine import CFG, Executor, Guidance, NoiseDampedCFG
 from hrkernels.samplers.outputs import StageResult
 from hrkernels.samplers.stages import (
     Run,
+    StageSchedule,
     StepState,
     denoising_step,
+    image_latent,
     initial_latents,
+    randn,
     run_stage,
     stage_schedule,
 )
@@ -51,6 +59,8 @@ from hrkernels.schedules import stage_count
 
 __all__ = ["ScaleCrafter"]
 
+# fidelity with image= when the call gives none: 1 - diffusers' img2img default strength (0.8).
+DEFAULT_FIDELITY = 0.2
 MAIN_VARIANT = "scalecrafter"
 BASE_VARIANT = "scalecrafter-base"
 
@@ -75,7 +85,10 @@ class ScaleCrafter(Sampler):
 
     The call takes :meth:`Sampler.__call__`'s arguments; ``guidance_scale`` defaults to the
     model's (7.5 for SD 1.x/2.x, 5.0 for SDXL) and ``eta`` is DDIM's (default 0; the authors'
-    SDXL script samples with ``eta=1.0``).
+    SDXL script samples with ``eta=1.0``). ``image``: image-to-image at the target size (module
+    docstring); ``fidelity`` picks the start step (1 - diffusers' ``strength``; default 0.2).
+    With a ControlNet pipeline the ControlNet sees the whole control image at the target size, in
+    both passes of the noise-damped guidance (one ControlNet call per UNet call).
 
     Raises:
         TypeError: ``pipe`` is not a supported pipeline, or ``plan`` of the wrong type.
@@ -113,6 +126,24 @@ class ScaleCrafter(Sampler):
             return scalecrafter_plan(self.pipe, height, width, num_inference_steps)
         return self.plan
 
+    def start_index(self, num_inference_steps: int, fidelity: float | None) -> int:
+        """The step image-to-image starts at: ``N - int(N (1 - fidelity))`` (diffusers' img2img
+        with ``strength = 1 - fidelity``), at most ``N - 1``."""
+        fidelity = DEFAULT_FIDELITY if fidelity is None else fidelity
+        steps = num_inference_steps
+        return min(steps - int(steps * (1.0 - fidelity)), steps - 1)
+
+    def image_start(self, run: Run, size: tuple[int, int]) -> tuple[torch.Tensor, StageSchedule]:
+        """The caller's image at the target ``size`` (pixels), encoded and noised to the start
+        step, and the schedule from there."""
+        start = self.start_index(run.num_inference_steps, run.fidelity)
+        schedule = stage_schedule(self.scheduler_template, run.num_inference_steps, run.device,
+                                  scheduler_class=self.scheduler_class(), start=start,
+                                  noised=True)
+        z0 = image_latent(run, size)
+        noise = randn(z0.shape, run.generator, run.device)
+        return z0 * schedule.noise_scale[0] + noise * schedule.noise_sigma[0], schedule
+
     def generate(self, run: Run, sizes: list[tuple[int, int]]) -> list[StageResult]:
         height, width = sizes[0]
         f = self.adapter.vae_scale_factor
@@ -123,9 +154,13 @@ class ScaleCrafter(Sampler):
         damped = NoiseDampedCFG(cfg.scale, BASE_VARIANT) if isinstance(cfg, CFG) else None
         planning = damped if damped is not None and damped_until > 0 else cfg
         batch_sizes = run.engine.plan({size: [run.batch]}, self.view_batch_size, planning)
-        schedule = stage_schedule(self.scheduler_template, run.num_inference_steps, run.device,
-                                  scheduler_class=self.scheduler_class())
-        z = initial_latents(run, size, schedule.scheduler)
+        steps = run.num_inference_steps
+        if run.image is None:
+            schedule = stage_schedule(self.scheduler_template, steps, run.device,
+                                      scheduler_class=self.scheduler_class())
+            z = initial_latents(run, size, schedule.scheduler)
+        else:
+            z, schedule = self.image_start(run, sizes[0])
 
         def guidance(state: StepState) -> Guidance:
             return damped if damped is not None and state.index < damped_until else cfg

@@ -9,7 +9,9 @@
 * :func:`run_stage` -- the loop: per step, ``set_step`` on a patched model, the skip residual, the
   method's step function, the non-finite watch, the callback and the progress bar.
 * :class:`Run` -- what one sampler call shares across its stages (adapter, engine, generator,
-  guidance, step options, callback, progress).
+  guidance, step options, callback, progress, the input image and ControlNet conditioning).
+* :func:`image_latent` -- the caller's ``image=`` encoded at a stage's size;
+  :func:`fidelity_exponent` -- ``fidelity`` as a skip-residual exponent.
 * Between stages: :func:`relay` (a latent through pixels to another size: FreeScale, MegaFusion)
   and :func:`stage_patches` (a stage's specs active in a configuration of the sampler's own).
 
@@ -30,6 +32,7 @@ from hrkernels import patching
 from hrkernels._validate import check_int
 from hrkernels.patching import is_patched, set_step
 from hrkernels.samplers.engine import Engine, Guidance, ViewSet
+from hrkernels.samplers.inputs import ControlInputs, batch_rows, resize_pixels
 from hrkernels.samplers.outputs import NonFiniteLatentsError
 from hrkernels.samplers.pipelines import PipelineAdapter
 from hrkernels.samplers.schedulers import fresh_scheduler, noising_coefficients, step_kwargs
@@ -40,6 +43,8 @@ __all__ = [
     "Run",
     "SkipResidual",
     "denoising_step",
+    "fidelity_exponent",
+    "image_latent",
     "initial_latents",
     "StageSchedule",
     "StepCallback",
@@ -47,7 +52,7 @@ __all__ = [
     "global_stats",
     "randn",
     "relay",
-    "resize_pixels",
+    "relay_resize",
     "resolve_generator",
     "run_stage",
     "stage_patches",
@@ -221,7 +226,10 @@ class SkipResidual:
 class Run:
     """Per-call state shared by the stages of one sampler call (``options``: the method's call
     options; ``plan``: what the method states it will do, one line per stage, before any model
-    work)."""
+    work; ``image``: the caller's ``image=`` as ``[n, 3, H, W]`` float32 in [0, 1] (n 1 or the
+    batch; :func:`image_latent` encodes it), or None; ``fidelity``: the caller's ``fidelity`` in
+    [0, 1], or None for the method's own behaviour; ``controls``: the ControlNet conditioning, or
+    None)."""
 
     sampler: str
     adapter: PipelineAdapter
@@ -235,6 +243,17 @@ class Run:
     num_stages: int
     options: dict[str, Any] = field(default_factory=dict)
     plan: list[str] = field(default_factory=list)
+    image: torch.Tensor | None = None
+    fidelity: float | None = None
+
+    @property
+    def controls(self) -> ControlInputs | None:
+        return self.engine.controls
+
+    def control_views(self, size: tuple[int, int]) -> tuple[torch.Tensor, ...] | None:
+        """The control images of one whole-latent view per image at latent ``size`` (None
+        without a ControlNet): what a :class:`ViewSet` of the full latent carries."""
+        return None if self.controls is None else self.controls.full(size)
 
     @property
     def device(self) -> torch.device:
@@ -316,6 +335,30 @@ def initial_latents(run: Run, size: tuple[int, int], scheduler: Any) -> torch.Te
     return noise * float(scheduler.init_noise_sigma)
 
 
+def image_latent(run: Run, size: tuple[int, int]) -> torch.Tensor:
+    """The caller's ``image=`` as a clean latent of pixel ``size`` ``(H, W)``: resized on the
+    device (bicubic, antialiased when shrinking), one row per image of the batch, encoded by the
+    adapter (the VAE's posterior sample, from the call's generator): ``[B, C, H / f, W / f]``
+    float32. What the image replaces: a progressive method's first-stage result (DemoFusion, APT,
+    FreeScale), or the start of an image-to-image stage (ScaleCrafter)."""
+    if run.image is None:
+        raise RuntimeError(f"{run.sampler}: image_latent without an image= in the call")
+    pixels = resize_pixels(run.image.to(run.device), size)
+    pixels = batch_rows(pixels, run.batch, "image")
+    return run.adapter.encode(pixels * 2 - 1, run.generator).float()
+
+
+def fidelity_exponent(exponent: float | torch.Tensor,
+                      fidelity: float | None) -> float | torch.Tensor:
+    """A skip-residual exponent of ``c(t)`` (DemoFusion's ``a1``, FreeScale's ``alpha``) for a
+    ``fidelity`` in [0, 1]: ``2 (1 - fidelity) exponent``, so 0.5 keeps the method's exponent, 1
+    gives 0 (``c^0 = 1``: every step starts from the noised input, the most of it kept) and 0
+    twice the exponent (less of it kept); None: ``exponent`` unchanged."""
+    if fidelity is None:
+        return exponent
+    return exponent * (2.0 * (1.0 - fidelity))
+
+
 def denoising_step(run: Run, schedule: StageSchedule, batch_sizes: dict[tuple[int, int], int],
                    guidance: Callable[[StepState], Guidance] | None = None) -> StepFunction:
     """The step of plain sampling on the full latent: ``zin = scale_model_input(z, t)``, the
@@ -327,7 +370,8 @@ def denoising_step(run: Run, schedule: StageSchedule, batch_sizes: dict[tuple[in
     def step(state: StepState, z: torch.Tensor) -> torch.Tensor:
         zin = scheduler.scale_model_input(z, state.timestep)
         strategy = run.guidance if guidance is None else guidance(state)
-        (eps,) = run.engine(state.model_timestep, [ViewSet(zin)], batch_sizes, strategy)
+        view = ViewSet(zin, control=run.control_views(tuple(z.shape[2:])))
+        (eps,) = run.engine(state.model_timestep, [view], batch_sizes, strategy)
         return scheduler.step(eps, state.timestep, z, return_dict=False, **kwargs)[0]
 
     return step
@@ -339,9 +383,10 @@ def run_stage(run: Run, stage: int, size: tuple[int, int], schedule: StageSchedu
     """Run one stage's steps and return its last latent.
 
     Per step ``i`` of ``schedule``: :func:`hrkernels.set_step` on the model when it is patched
-    (with the global step index and the device timestep), ``sample = skip(z)`` with a skip
-    residual (else ``z``), ``z = step_function(state, sample)``, ``callback_on_step_end`` (may
-    replace ``z``), the NaN/inf flag of ``z`` (checked once, after the stage) and the progress bar.
+    (with the global step index and the device timestep), the engine's step (its ControlNet
+    scales), ``sample = skip(z)`` with a skip residual (else ``z``), ``z = step_function(state,
+    sample)``, ``callback_on_step_end`` (may replace ``z``), the NaN/inf flag of ``z`` (checked
+    once, after the stage) and the progress bar.
 
     Args:
         run: the call's shared state.
@@ -370,6 +415,7 @@ def run_stage(run: Run, stage: int, size: tuple[int, int], schedule: StageSchedu
                               schedule.device_timesteps[step], last=step == len(schedule) - 1)
             if patched:
                 set_step(model, index, state.model_timestep)
+            run.engine.set_step(index)
             sample = skip(schedule, step, z) if skip is not None else z
             z = step_function(state, sample)
             z = run_callback(run.callback, stage, step, values[step], z)
@@ -386,9 +432,9 @@ def run_stage(run: Run, stage: int, size: tuple[int, int], schedule: StageSchedu
 # --------------------------------------------------------------------------------------------------
 
 
-def resize_pixels(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Images ``[B, 3, H, W]`` bicubic-resized to ``size`` (pixels, ``(height, width)``) on their
-    device, in float32, clamped to [-1, 1]."""
+def relay_resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Decoded images ``[B, 3, H, W]`` bicubic-resized to ``size`` (pixels, ``(height, width)``)
+    on their device, in float32, clamped to [-1, 1] (the relay upsamples: no antialiasing)."""
     resized = F.interpolate(images.float(), size=size, mode="bicubic", align_corners=False)
     return resized.clamp_(-1, 1)
 
@@ -396,12 +442,12 @@ def resize_pixels(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def relay(run: Run, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """A stage's (clean) latent handed to a stage of another size through pixels: decode
     (:meth:`PipelineAdapter.decode`: the tiled VAE; a pixel-space model's latents are its pixels),
-    :func:`resize_pixels` to ``size`` (pixels), encode (the VAE posterior sampled from the run's
+    :func:`relay_resize` to ``size`` (pixels), encode (the VAE posterior sampled from the run's
     generator; a pixel-space model takes the pixels as they are). No host round trip.
 
     ``latents``: ``[B, C, h, w]``; returns float32 ``[B, C, H / f, W / f]`` for ``size = (H, W)``.
     """
-    images = resize_pixels(run.adapter.decode(latents), size)
+    images = relay_resize(run.adapter.decode(latents), size)
     return run.adapter.encode(images, run.generator)
 
 

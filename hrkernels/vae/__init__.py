@@ -115,23 +115,47 @@ def _compute_dtype(vae: Any) -> torch.dtype:
 @contextlib.contextmanager
 def _prepared(vae: Any) -> Iterator[tuple[torch.device, torch.dtype]]:
     """The VAE ready for one call, as ``vae.decode`` would have it: its offload hook run
-    (``enable_model_cpu_offload`` moves it to the execution device), upcast for the call
-    (``force_upcast``, undone on exit, also when the call raises). Yields its device and dtype."""
+    (``enable_model_cpu_offload`` moves it to the execution device; with
+    ``enable_sequential_cpu_offload`` every module's weights are loaded for the call and offloaded
+    after it, :func:`_offloaded_modules`), upcast for the call (``force_upcast``, undone on exit,
+    also when the call raises). Yields its device and dtype."""
     hook = getattr(vae, "_hf_hook", None)
     if hook is not None and hasattr(hook, "pre_forward"):
         hook.pre_forward(vae)
-    devices = {parameter.device for parameter in vae.parameters()}
-    if len(devices) != 1 or next(iter(devices)).type == "meta":
-        raise UnsupportedVAEError(f"hrkernels.vae: the VAE's weights must all be on one device "
-                                  f"(sequential CPU offload is not handled); found {devices}")
-    original, dtype = vae.dtype, _compute_dtype(vae)
-    if dtype != original:
-        vae.to(dtype=dtype)
+    offloaded = _offloaded_modules(vae)
+    for module, module_hook in offloaded:
+        module_hook.pre_forward(module)
     try:
-        yield next(iter(devices)), dtype
-    finally:
+        devices = {parameter.device for parameter in vae.parameters()}
+        if len(devices) != 1 or next(iter(devices)).type == "meta":
+            raise UnsupportedVAEError(f"hrkernels.vae: the VAE's weights must all be on one "
+                                      f"device; found {devices}")
+        original, dtype = vae.dtype, _compute_dtype(vae)
         if dtype != original:
-            vae.to(dtype=original)
+            vae.to(dtype=dtype)
+        try:
+            yield next(iter(devices)), dtype
+        finally:
+            if dtype != original:
+                vae.to(dtype=original)
+    finally:
+        for module, module_hook in reversed(offloaded):
+            module_hook.post_forward(module, None)
+
+
+def _offloaded_modules(vae: Any) -> list[tuple[torch.nn.Module, Any]]:
+    """The VAE's modules whose weights an offload hook keeps off the device between calls
+    (``enable_sequential_cpu_offload``: accelerate's ``AlignDevicesHook`` with ``offload``), with
+    their hooks. The tiled program reads the weights of many modules per strip, so their hooks'
+    ``pre_forward`` loads them all for the call and ``post_forward`` offloads them after it: the
+    whole VAE's weights are on the device during one decode or encode."""
+    found = []
+    for module in vae.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for part in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            if getattr(part, "offload", False):
+                found.append((module, part))
+    return found
 
 
 def _latent_normalisation(vae: Any, channels: int, device: torch.device,

@@ -279,10 +279,13 @@ def _require(condition: bool, what: str) -> None:
 
 
 def _module_of(module: Any, kind: type, name: str) -> Any:
-    """``module`` if its class is exactly ``kind`` and no forward is patched on the instance."""
+    """``module`` if its class is exactly ``kind`` and no forward is patched on the instance (but
+    accelerate's offload hook, which moves weights and leaves the computation alone: the caller
+    loads the weights through it, :func:`hrkernels.vae._offloaded_modules`)."""
     _require(type(module) is kind, f"{name} is a {type(module).__name__}, not a "
              f"{kind.__name__} (subclasses, LoRA layers and other wrappers are not handled)")
-    _require("forward" not in vars(module), f"{name} has a patched forward")
+    offload_hooked = hasattr(module, "_hf_hook") and hasattr(module, "_old_forward")
+    _require("forward" not in vars(module) or offload_hooked, f"{name} has a patched forward")
     return module
 
 

@@ -107,7 +107,7 @@ def test_alpha_as_a_map(sdxl):
 
 def test_an_image_replaces_the_first_stage(sdxl):
     generator = torch.Generator().manual_seed(7)
-    pixels = torch.rand(1, 3, 100, 90, generator=generator)
+    pixels = torch.rand(1, 3, 100, 100, generator=generator)
     out = generate(sdxl, 256, 256, image=pixels)
     assert out.unet_calls == {(2, 32, 32): 3}  # no stage-1 sampling; stage 2 from t = 501
     # Stage 1 is the image resized to the base size and encoded with the first draw.
@@ -169,7 +169,7 @@ def test_bad_input(sdxl):
     with pytest.raises(TypeError, match="image"):
         generate(sdxl, 256, 256, image="cat.png")
     with pytest.raises(ValueError, match="image"):
-        generate(sdxl, 256, 256, image=torch.rand(1, 4, 64, 64))
+        generate(sdxl, 256, 256, image=torch.rand(1, 2, 64, 64))
     with pytest.raises(ValueError, match="multiple of 8"):
         generate(sdxl, 260, 256)
     with pytest.raises(TypeError, match="StableDiffusionPipeline"):

@@ -84,11 +84,11 @@ def test_generate_freescale_from_an_image(tmp_path, capsys):
                   "--steps", "2", "--fast-mode", "--alpha", "1.5", "--image", str(source),
                   "--out", str(out)])
     assert run(args) == 0
-    assert Image.open(out).size == (256, 256)
+    assert Image.open(out).size == (256, 192)  # 2x the base size at the image's aspect ratio
     args = parse(["--model", "tiny-sdxl", "--method", "apt", "--prompt", "a cat", "--steps", "1",
-                  "--image", str(source), "--out", str(out)])
+                  "--fidelity", "0.5", "--out", str(out)])
     assert run(args) == 2
-    assert "--image: apt takes no input image" in capsys.readouterr().err
+    assert "--fidelity applies to --image" in capsys.readouterr().err
 
 
 def test_generate_megafusion_on_tiny_if_sd3_and_if_sr(tmp_path, capsys):
@@ -103,7 +103,7 @@ def test_generate_megafusion_on_tiny_if_sd3_and_if_sr(tmp_path, capsys):
     args = parse(["--model", "tiny-if-sr", "--method", "megafusion", "--prompt", "a cat",
                   "--steps", "2", "--image", str(out), "--out", str(out)])
     assert run(args) == 0
-    assert Image.open(out).size == (64, 64)
+    assert Image.open(out).size == (48, 64)  # 2x the base size at the 24x32 image's aspect ratio
     args = parse(["--model", "tiny-sd3", "--method", "megafusion", "--prompt", "a cat",
                   "--steps", "3", "--out", str(out)])
     assert run(args) == 0
@@ -122,3 +122,38 @@ def test_generate_megafusion_on_tiny_if_sd3_and_if_sr(tmp_path, capsys):
                   "--stages", "128:1,256:1", "--out", str(out)])
     assert run(args) == 2
     assert "--stages: apt takes no stages" in capsys.readouterr().err
+
+
+def test_generate_with_an_image_and_a_tiny_controlnet(tmp_path, capsys):
+    # --image sets the default size's aspect ratio (2x the base size on the long side); --fidelity
+    # reaches the sampler; --controlnet tiny turns the tiny pipeline into its ControlNet pipeline.
+    source, control, out = tmp_path / "in.png", tmp_path / "edges.png", tmp_path / "out.png"
+    Image.new("RGBA", (40, 20), (200, 30, 90, 128)).save(source)
+    Image.new("L", (80, 40), 255).save(control)
+    args = parse(["--model", "tiny-sd15", "--method", "demofusion", "--prompt", "a cat",
+                  "--steps", "1", "--image", str(source), "--fidelity", "0.8",
+                  "--controlnet", "tiny", "--control-image", str(control), "--out", str(out)])
+    assert run(args) == 0
+    assert Image.open(out).size == (128, 64)
+    args = parse(["--model", "tiny-sd15", "--method", "demofusion", "--prompt", "a cat",
+                  "--steps", "1", "--controlnet", "tiny", "--out", str(out)])
+    assert run(args) == 2
+    assert "--controlnet and --control-image go together" in capsys.readouterr().err
+
+
+def test_generate_with_a_saved_controlnet(tmp_path, capsys):
+    from hrkernels.testing import tiny_controlnet, tiny_pipeline
+
+    saved, control, out = tmp_path / "controlnet", tmp_path / "edges.png", tmp_path / "out.png"
+    tiny_controlnet(tiny_pipeline("sd15")).save_pretrained(saved)
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(control)
+    args = parse(["--model", "tiny-sd15", "--method", "scalecrafter", "--prompt", "a cat",
+                  "--steps", "1", "--controlnet", str(saved), "--control-image", str(control),
+                  "--out", str(out)])
+    assert run(args) == 0
+    assert Image.open(out).size == (128, 128)
+    args = parse(["--model", "tiny-sd15", "--method", "scalecrafter", "--prompt", "a cat",
+                  "--steps", "1", "--controlnet", str(tmp_path / "missing"), "--control-image",
+                  str(control), "--out", str(out)])
+    assert run(args) == 2
+    assert "--controlnet" in capsys.readouterr().err

@@ -269,8 +269,10 @@ def test_bad_input(tiny, if_image):
     with pytest.raises(ValueError, match="noise_level"):
         generate(MegaFusion(tiny("if-sr")), 64, 64, num_inference_steps=2, image=if_image,
                  noise_level=1000)
-    with pytest.raises(ValueError, match="image="):
-        generate(MegaFusion(sdxl), 256, 256, num_inference_steps=2, image=if_image)
+    # On latent models image= is the shared one (it replaces stage 1's result): checked likewise.
+    with pytest.raises(ValueError, match="image"):
+        generate(MegaFusion(sdxl), 256, 256, num_inference_steps=2,
+                 image=torch.rand(1, 3, 32, 64))
     with pytest.raises(TypeError, match="pred_original_sample"):
         from diffusers import DPMSolverMultistepScheduler
         generate(MegaFusion(sdxl, scheduler=DPMSolverMultistepScheduler), 256, 256,
