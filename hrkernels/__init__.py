@@ -28,13 +28,19 @@ __all__ = ["__version__", "ops"]
 __all__ += ["ReDilation", "ScaleFusion", "is_patched", "patch", "patched", "set_step",
             "set_variant", "unpatch", "variant"]
 
+__all__ += ["MemoryPlan", "MemoryPlanError", "plan"]
+
 # Imported on first use (`hrkernels.samplers` and `hrkernels.vae` pull in diffusers).
-_LAZY_SUBMODULES = ("presets", "samplers", "schedules", "vae")
+_LAZY_SUBMODULES = ("planner", "presets", "samplers", "schedules", "vae")
+# The memory planner's public names (``hrkernels.plan``, ...), from ``hrkernels.planner``.
+_PLANNER_NAMES = ("MemoryPlan", "MemoryPlanError", "plan")
 
 
 def __getattr__(name: str):
-    if name in _LAZY_SUBMODULES:
-        import importlib
+    import importlib
 
+    if name in _LAZY_SUBMODULES:
         return importlib.import_module(f"hrkernels.{name}")
+    if name in _PLANNER_NAMES:
+        return getattr(importlib.import_module("hrkernels.planner"), name)
     raise AttributeError(f"module 'hrkernels' has no attribute {name!r}")

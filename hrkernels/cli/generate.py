@@ -64,8 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="freescale: an existing image (file) that replaces the first "
                              "stage's result")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--out", required=True, type=Path,
-                        help="output image file (.png); several images get _1, _2, ... suffixes")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output image file (.png); several images get _1, _2, ... suffixes "
+                             "(required unless --plan)")
     parser.add_argument("--previews", type=Path, default=None,
                         help="directory for every stage's decoded preview "
                              "(stage_<s>_<width>x<height>.png)")
@@ -74,6 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "scheduler config (default: the method's choice)")
     parser.add_argument("--view-batch-size", default="auto",
                         help='views per UNet call, or "auto" (default)')
+    parser.add_argument("--max-memory", type=float, default=None, metavar="GIB",
+                        help="device memory the call may use in GiB, weights included (default: "
+                             "on a GPU what is free, on a CPU no limit)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the memory plan (phases, estimates, choices) and exit "
+                             "without sampling; exit status 2 if it does not fit")
     parser.add_argument("--device", default=None,
                         help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
@@ -196,11 +203,21 @@ def _call_options(args: argparse.Namespace, sampler: type) -> dict[str, Any]:
         raise ValueError(f"--image: cannot read {args.image}: {error}") from None
 
 
+def _max_memory(gib: float | None) -> int | None:
+    """``--max-memory`` (GiB) in bytes."""
+    if gib is None:
+        return None
+    if not gib > 0 or gib == float("inf"):
+        raise ValueError(f"--max-memory must be a positive number of GiB; got {gib}")
+    return int(gib * 2**30)
+
+
 @reports_usage_errors(NAME)
 def run(args: argparse.Namespace) -> int:
     """Run ``hrkernels generate``; returns the exit status (0, or 2 for a bad argument, device,
-    backend, model or output path: one line on stderr, before any model work where it can be
-    known then)."""
+    backend, model or output path, or a call whose memory plan does not fit: one line on stderr,
+    before any model work where it can be known then). ``--plan`` prints the memory plan
+    (:func:`hrkernels.plan`) and exits without sampling."""
     import torch
 
     from hrkernels.ops._backend import check_backend
@@ -209,20 +226,31 @@ def run(args: argparse.Namespace) -> int:
     device = default_device(args.device)
     check_backend(torch.device(device))
     dtype = resolve_dtype(args.dtype, device)
-    check_outputs(args.out, args.previews)
+    if args.out is None and not args.plan:
+        raise ValueError("--out is required (an image file to write), unless --plan")
+    if args.out is not None:
+        check_outputs(args.out, args.previews)
+    max_memory = _max_memory(args.max_memory)
     sampler_class = SAMPLERS[args.method]
     options = _sampler_options(args, sampler_class)
     pipe = load_pipeline(args.model, device, dtype)
     sampler = sampler_class(pipe, **options)
     base = sampler.adapter.base_size
     height, width = args.height or 2 * base, args.width or 2 * base
+    call_options = _call_options(args, sampler_class)
+    if args.plan:
+        from hrkernels.planner import plan
+
+        print(plan(sampler, height, width, 1, max_memory, num_inference_steps=args.steps,
+                   guidance_scale=args.guidance, options=call_options))
+        return 0
     generator = torch.Generator(device=device).manual_seed(args.seed)
     output = sampler(prompt=args.prompt, negative_prompt=args.negative_prompt, height=height,
                      width=width, num_inference_steps=args.steps,
                      guidance_scale=args.guidance, eta=args.eta, generator=generator,
                      output_type="pil",
                      decode_stages=args.previews is not None, progress=True,
-                     **_call_options(args, sampler_class))
+                     max_memory=max_memory, **call_options)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for image, path in zip(output.images, _output_paths(args.out, len(output.images)), strict=True):
         image.save(path)

@@ -27,6 +27,7 @@ inside their steps.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -124,6 +125,18 @@ class FreeScale(Sampler):
     def stage_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
         return [(stage.height, stage.width) for stage in self.plan(height, width, 1).stages]
 
+    def vae_calls(self, stages: int, options: Any) -> list[tuple[str, int]]:
+        """``image=``'s encode, the relay of every stage ``s >= 2`` (decode ``s - 1``, encode
+        ``s``), the final decode."""
+        calls = [("encode", 1)] if options.get("image") is not None else []
+        for stage in range(2, stages + 1):
+            calls += [("decode", stage - 1), ("encode", stage)]
+        return calls + [("decode", stages)]
+
+    def window_settings(self, stage: int) -> Any:
+        """Scale Fusion's settings in stages >= 2."""
+        return None if stage == 1 else self.fusion.settings
+
     def check_call(self, sizes: list[tuple[int, int]], num_inference_steps: int,
                    step_options: dict[str, Any], image: Any = None) -> None:
         if image is not None:
@@ -139,7 +152,9 @@ class FreeScale(Sampler):
 
     def generate(self, run: Run, sizes: list[tuple[int, int]]) -> list[StageResult]:
         height, width = sizes[-1]
-        plan = self.plan(height, width, run.num_inference_steps)
+        chunk = None if run.memory is None else run.memory.window_chunk
+        plan = freescale_plan(self.pipe, height, width, run.num_inference_steps,
+                              dataclasses.replace(self.fusion, window_chunk=chunk))
         f = self.adapter.vae_scale_factor
         cls = self.scheduler_class()
         first = plan.stages[0]
@@ -178,14 +193,14 @@ class FreeScale(Sampler):
             raise ValueError(f"image holds {pixels.shape[0]} images; pass 1 or {run.batch} "
                              "(the prompts times num_images_per_prompt)")
         pixels = pixels.expand(run.batch, -1, -1, -1)
-        return self.adapter.encode(pixels, run.generator)
+        return self.adapter.encode(pixels, run.generator, run.vae_max_memory)
 
     def relay(self, run: Run, z: torch.Tensor, stage: FreeScaleStage) -> torch.Tensor:
         """The previous stage's latent in RGB, resized to ``stage``'s size, encoded: ``z0``."""
-        images = self.adapter.decode(z).float()
+        images = self.adapter.decode(z, run.vae_max_memory).float()
         images = F.interpolate(images, size=(stage.height, stage.width), mode="bicubic",
                                align_corners=False).clamp_(-1, 1)
-        return self.adapter.encode(images, run.generator)
+        return self.adapter.encode(images, run.generator, run.vae_max_memory)
 
     def upscale_stage(self, run: Run, number: int, stage: FreeScaleStage, z: torch.Tensor,
                       restart: int) -> torch.Tensor:

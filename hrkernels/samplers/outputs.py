@@ -62,6 +62,8 @@ class SamplerOutput:
             ``{(batch_rows, latent_h, latent_w): count}`` (the "UNet floor" of the benchmarks).
         plan: what the sampler stated before any model work, one line per stage (methods that
             state it; also logged at INFO on the ``hrkernels`` logger).
+        memory: the call's :class:`hrkernels.MemoryPlan` (phases, budget, choices), made before
+            any model work (``print(out.memory)`` shows its table).
     """
 
     images: Any
@@ -69,3 +71,4 @@ class SamplerOutput:
     latents: torch.Tensor
     unet_calls: dict[tuple[int, int, int], int] = field(default_factory=dict)
     plan: list[str] = field(default_factory=list)
+    memory: Any = None

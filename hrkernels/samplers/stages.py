@@ -213,7 +213,7 @@ class SkipResidual:
 class Run:
     """Per-call state shared by the stages of one sampler call (``options``: the method's call
     options; ``plan``: what the method states it will do, one line per stage, before any model
-    work)."""
+    work; ``memory``: the call's :class:`hrkernels.MemoryPlan`)."""
 
     sampler: str
     adapter: PipelineAdapter
@@ -227,6 +227,13 @@ class Run:
     num_stages: int
     options: dict[str, Any] = field(default_factory=dict)
     plan: list[str] = field(default_factory=list)
+    memory: Any = None
+
+    @property
+    def vae_max_memory(self) -> int | None:
+        """The budget of the call's VAE decodes and encodes (the memory plan's; None: the
+        VAE's default)."""
+        return None if self.memory is None else self.memory.vae_max_memory
 
     @property
     def device(self) -> torch.device:
