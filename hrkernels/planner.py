@@ -42,6 +42,7 @@ __all__ = [
     "Phase",
     "UNET_WORKSPACE",
     "UNetMemory",
+    "VAE_WORKSPACE",
     "plan",
     "unet_call_bytes",
 ]
@@ -53,6 +54,12 @@ __all__ = [
 # live tensors of a tiny pipeline, tests/test_planner.py), and on CUDA the ratio measured by
 # ``hrkernels.bench.plan`` (see bench/NOTES.md, "Memory planner").
 UNET_WORKSPACE = {"cpu": 1.0, "cuda": 1.0}
+# Measured constant: the live tensors of a tiled VAE call over its tile plan's ``peak_bytes``
+# (which :mod:`hrkernels.vae` keeps an upper bound: the budget must hold). On the CPU 0.855-0.86
+# (the tiny SDXL VAE, decode and encode at 256^2-768^2, tests/test_planner.py); on CUDA measured by
+# ``hrkernels.bench.plan``. The VAE phases report the expected peak with it; the tile plan itself
+# still fits its budget by the bound.
+VAE_WORKSPACE = {"cpu": 0.86, "cuda": 1.0}
 # Memory a CUDA budget leaves free when ``max_memory`` is None (bytes): fragmentation, library
 # workspaces, the CUDA context's own allocations outside PyTorch's allocator.
 AUTO_MEMORY_RESERVE = 2 * 2**30
@@ -157,7 +164,9 @@ class MemoryPlan:
 
 
 def gib(size: float) -> str:
-    """Bytes as ``"1.23 GiB"``."""
+    """Bytes as ``"1.23 GiB"`` (``"12.3 MiB"`` under 1 GiB)."""
+    if abs(size) < 2**30:
+        return f"{size / 2**20:.1f} MiB"
     return f"{size / 2**30:.2f} GiB"
 
 
@@ -380,8 +389,8 @@ def default_budget(device: torch.device, resident: int) -> int | None:
     return max(0, free + cached + resident - AUTO_MEMORY_RESERVE)
 
 
-def _workspace(device: torch.device) -> float:
-    return UNET_WORKSPACE.get(device.type, UNET_WORKSPACE["cuda"])
+def _workspace(device: torch.device, table: dict[str, float] = UNET_WORKSPACE) -> float:
+    return table.get(device.type, table["cuda"])
 
 
 @dataclass
@@ -586,10 +595,11 @@ class _Planner:
                     budget=None if vae_budget else f"{gib(budget)} (the VAE's default: half the "
                     "host's memory)") from None
             self.plan.vae[name] = tile_plan
+            expected = int(_workspace(self.device, VAE_WORKSPACE) * tile_plan.peak_bytes)
             phases.append((kind, number, Phase(
-                name, weights + held + tile_plan.peak_bytes,
-                f"weights, latents and image {gib(held)}, tiled VAE "
-                f"{gib(tile_plan.peak_bytes)} ({len(tile_plan.segments)} segments)")))
+                name, weights + held + expected,
+                f"weights, latents and image {gib(held)}, tiled VAE {gib(expected)} "
+                f"({len(tile_plan.segments)} segments, bound {gib(tile_plan.peak_bytes)})")))
         return phases
 
     # -- assembly ---------------------------------------------------------------------------------
@@ -666,8 +676,9 @@ class _Planner:
             if over:
                 raise self.error(plan.phases.pop(plan.phases.index(over[0])),
                                  "a smaller size or more memory")
-        plan.notes.append(f"UNet workspace factor {self.workspace:g} ({self.device.type}, "
-                          "hrkernels.planner.UNET_WORKSPACE)")
+        plan.notes.append(f"calibration ({self.device.type}): UNet x{self.workspace:g}, VAE "
+                          f"x{_workspace(self.device, VAE_WORKSPACE):g} (hrkernels.planner."
+                          "UNET_WORKSPACE, VAE_WORKSPACE)")
         return plan
 
 
