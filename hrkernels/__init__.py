@@ -4,10 +4,10 @@ Layers (each imports only from the ones above it): ``hrkernels.ops`` (torch.libr
 kernels with PyTorch references), ``hrkernels.schedules`` (per-step math), ``hrkernels.nn``,
 ``hrkernels.patching`` (reversible UNet patches: ``patch``, ``unpatch``, ``set_step``,
 ``variant``), ``hrkernels.vae``, ``hrkernels.samplers`` (DemoFusion, APT, ScaleCrafter and
-FreeScale; MegaFusion is planned) with their memory planner (``hrkernels.plan``, ``MemoryPlan``,
-``MemoryPlanError``: :mod:`hrkernels.planner`) and the ``hrkernels`` command line
-(``hrkernels.cli``). The ops are inference-only (no backward). See docs/DESIGN.md in the
-repository for the conventions and docs/METHODS.md for the algorithms.
+FreeScale; MegaFusion is planned) with their memory planner (``hrkernels.planner``:
+:func:`plan`, :class:`MemoryPlan`, :class:`MemoryPlanError`, exported here) and the
+``hrkernels`` command line (``hrkernels.cli``). The ops are inference-only (no backward). See
+docs/DESIGN.md in the repository for the conventions and docs/METHODS.md for the algorithms.
 """
 
 __version__ = "0.1.0"

@@ -17,7 +17,9 @@ from hrkernels import MemoryPlanError, ops, planner
 from hrkernels.cli import main
 from hrkernels.nn.attention import _local_attention
 from hrkernels.planner import unet_call_bytes
-from hrkernels.samplers import APT, DemoFusion, FreeScale, ScaleCrafter
+from hrkernels.samplers import APT, DemoFusion, FreeScale, ScaleCrafter, StageResult
+from hrkernels.samplers.base import Sampler
+from hrkernels.samplers.stages import denoising_step, initial_latents, run_stage, stage_schedule
 
 SAMPLERS = [DemoFusion, APT, ScaleCrafter, FreeScale]
 # |estimate / measured - 1| of a whole call on the CPU (measured: 3.7-6.0% at 256^2-384^2), and
@@ -265,3 +267,46 @@ def test_generate_plan_prints_the_plan_and_exits(capsys):
     assert len(error.splitlines()) == 1
     assert error.startswith("hrkernels generate: DemoFusion: 256x256 (W x H), batch 1: phase ")
     assert "the budget is 1.0 MiB" in error
+
+
+class PlainSampler(Sampler):
+    """A new method with no planner code of its own: plain sampling at the target size."""
+
+    name = "Plain"
+
+    def stage_sizes(self, height, width):
+        return [(height, width)]
+
+    def generate(self, run, sizes):
+        f = self.adapter.vae_scale_factor
+        latent = (sizes[0][0] // f, sizes[0][1] // f)
+        schedule = stage_schedule(self.scheduler_template, run.num_inference_steps, run.device,
+                                  scheduler_class=self.scheduler_class())
+        batch = run.engine.plan({latent: [run.batch]}, self.view_batch_size, run.guidance)
+        z = run_stage(run, 1, latent, schedule, initial_latents(run, latent, schedule.scheduler),
+                      denoising_step(run, schedule, batch))
+        return [StageResult(1, *sizes[0], z)]
+
+
+def test_a_new_sampler_gets_its_plan_from_the_base_class(sdxl):
+    out = call(PlainSampler(sdxl), (192, 128), output_type="latent")
+    assert [p.name for p in out.memory.phases] == [
+        "weights", "stage 1 UNet (128x192)", "attention (largest layer, stage 1)", "VAE decode"]
+    assert out.unet_calls == {(2, 24, 16): 2}
+    with pytest.raises(MemoryPlanError, match="phase 'stage 1 UNet"):
+        call(PlainSampler(sdxl), (192, 128), max_memory=out.memory.phases[0].bytes + 1)
+
+
+def test_the_gpu_check_formats_its_table_and_needs_cuda():
+    from hrkernels.bench import plan as bench_plan
+
+    result = {"case": "demofusion-2048", "choices": "view_batch_size=12",
+              "sampling": bench_plan.ratio_row("demofusion-2048", 11 * 2**30, 10 * 2**30),
+              "decode": bench_plan.ratio_row("demofusion-2048", 5 * 2**30, 5 * 2**30),
+              "call": bench_plan.ratio_row("demofusion-2048", 12 * 2**30, 10 * 2**30)}
+    table = bench_plan.markdown([result]).splitlines()
+    assert "| demofusion-2048 | sampling | 11.00 | 10.00 | 1.100 | yes |  |" in table
+    assert "| demofusion-2048 | call | 12.00 | 10.00 | 1.200 | no | view_batch_size=12 |" in table
+    assert len(bench_plan.CASES) == 8
+    if not torch.cuda.is_available():
+        assert bench_plan.main(None) == 2
