@@ -48,11 +48,12 @@ __all__ = [
 ]
 
 # Measured constant: the UNet call's peak over the live-tensor walk of :func:`unet_call_bytes`.
-# The walk counts the tensors PyTorch's eager forward of diffusers' blocks keeps alive; what it
-# does not see (cuDNN/cuBLAS workspaces, SDPA's statistics, the allocator's rounding to 512-byte
-# blocks and 2 MiB segments) is a share of the activations: 1.0 on the CPU (checked against the
-# live tensors of a tiny pipeline, tests/test_planner.py), and on CUDA the ratio measured by
-# ``hrkernels.bench.plan`` (see bench/NOTES.md, "Memory planner").
+# The walk counts the tensors PyTorch's eager forward of diffusers' blocks keeps alive: it equals
+# the live tensors of the full SDXL and SD 1.5 UNets in fp16 on the meta device (fused SDPA; within
+# 0.1% at 64^2-256^2 latents, 2-16 rows) and of the tiny pipelines' UNets on the CPU (1.0-1.6%),
+# tests/test_planner.py. What it does not see (cuDNN/cuBLAS workspaces, SDPA's statistics, the
+# allocator's rounding) is a share of the activations: 1.0 on the CPU; on CUDA 1.0 until
+# ``hrkernels.bench.plan`` measures it (bench/NOTES.md, "Memory planner").
 UNET_WORKSPACE = {"cpu": 1.0, "cuda": 1.0}
 # Measured constant: the live tensors of a tiled VAE call over its tile plan's ``peak_bytes``
 # (which :mod:`hrkernels.vae` keeps an upper bound: the budget must hold). On the CPU 0.855-0.86

@@ -38,15 +38,19 @@ class LiveBytes(TorchDispatchMode):
         self.alive: set[int] = set()
         self.bytes = self.peak = 0
 
+    @staticmethod
+    def key(storage) -> int:
+        return storage.data_ptr()
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        held = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+        held = {self.key(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0]
                 if isinstance(t, torch.Tensor)}
         for tensor in tree_flatten(out)[0]:
             if not isinstance(tensor, torch.Tensor):
                 continue
             storage = tensor.untyped_storage()
-            key, size = storage.data_ptr(), storage.nbytes()
+            key, size = self.key(storage), storage.nbytes()
             if key in held or key in self.alive or size == 0:
                 continue
             self.alive.add(key)
@@ -90,6 +94,50 @@ def test_the_unet_walk_matches_the_live_tensors_of_one_call(kind, rows, height, 
     measured = live.peak + sample.numel() * 4
     estimate = unet_call_bytes(config, rows, height, width, 4).peak
     assert abs(estimate / measured - 1) <= UNET_TOLERANCE, (estimate, measured)
+
+
+class MetaLiveBytes(LiveBytes):
+    """:class:`LiveBytes` on the meta device (no data pointers: storages are told apart by
+    their Python objects, which live as long as the storage)."""
+
+    @staticmethod
+    def key(storage) -> int:
+        return id(storage)
+
+
+def _flash_like(query, key, value, *args, **kwargs):
+    """SDPA's memory with a fused backend: the output only (the meta device would otherwise take
+    the math path and build the N x N scores)."""
+    return torch.empty_like(query)
+
+
+@pytest.mark.parametrize("kind, rows, size", [("sdxl", 2, 128), ("sd15", 2, 64)])
+def test_the_unet_walk_matches_the_full_topologies_on_the_meta_device(kind, rows, size,
+                                                                       monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    from hrkernels import testing
+
+    config = {"sdxl": testing._SDXL_UNET_CONFIG, "sd15": testing._SD15_UNET_CONFIG}[kind]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config).to(torch.float16)
+    config = unet.config
+    meta = {"device": "meta", "dtype": torch.float16}
+    sample = torch.empty(rows, 4, size, size, **meta)
+    added = None
+    if kind == "sdxl":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        added = {"text_embeds": torch.empty(rows, pooled, **meta),
+                 "time_ids": torch.empty(rows, 6, **meta)}
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", _flash_like)
+    live = MetaLiveBytes()
+    with torch.no_grad(), live:
+        unet(sample, torch.tensor(500.0, device="meta"),
+             encoder_hidden_states=torch.empty(rows, 77, config.cross_attention_dim, **meta),
+             added_cond_kwargs=added, return_dict=False)
+    measured = live.peak + sample.numel() * 2
+    estimate = unet_call_bytes(config, rows, size, size, 2).peak
+    assert abs(estimate / measured - 1) <= 0.01, (estimate, measured)
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
