@@ -451,6 +451,7 @@ class _Planner:
         self.batch, self.rows_per_view = batch, rows_per_view
         self.options = options
         self.weights = _weights(adapter.pipe, self.device)
+        self.given_budget = max_memory is not None
         self.budget = max_memory if max_memory is not None else default_budget(
             self.device, self.weights.resident)
         self.views = sampler.count_views(height, width, num_inference_steps)
@@ -574,6 +575,11 @@ class _Planner:
         vae_budget = None
         if self.budget is not None:
             vae_budget = min(self.budget - weights - held for *_, held in prepared)
+            if not self.given_budget:
+                # What the VAE would take by default (it leaves a share of the free memory to
+                # cuDNN's workspaces), less what the call holds then.
+                vae_budget = min(vae_budget, vae_io.default_budget(self.device) - max(
+                    held for *_, held in prepared))
             if vae_budget <= 0:
                 _, _, name, _, held = max(prepared, key=lambda p: p[-1])
                 raise self.error(Phase(name, weights + held, "weights, latents and images held"),
