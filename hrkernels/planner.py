@@ -450,6 +450,7 @@ class _Planner:
         self.element = torch.empty((), dtype=adapter.dtype).element_size()
         self.batch, self.rows_per_view = batch, rows_per_view
         self.options = options
+        self.decode_final, self.decode_stages = True, False
         self.weights = _weights(adapter.pipe, self.device)
         self.given_budget = max_memory is not None
         self.budget = max_memory if max_memory is not None else default_budget(
@@ -556,13 +557,19 @@ class _Planner:
         vae_element = torch.empty((), dtype=vae_io._compute_dtype(vae)).element_size()
         weights = self.weights.resident + self.weights.vae
         prepared = []
-        for kind, number in self.sampler.vae_calls(len(self.stages), self.options):
+        calls = list(self.sampler.vae_calls(len(self.stages), self.options))
+        final = ("decode", len(self.stages))
+        if not self.decode_final and final in calls:
+            calls.remove(final)
+        if self.decode_stages:  # the previews of the stages before the last, after the stages
+            calls += [("preview", number) for number in range(1, len(self.stages))]
+        for kind, number in calls:
             stage = self.stages[number - 1]
             image = self.batch * 3 * stage.size[0] * stage.size[1]
             # Every stage's result so far is kept (SamplerOutput.stages).
             held = sum(self.batch * channels * s.latent[0] * s.latent[1] * 4
                        for s in self.stages[:number])
-            if kind == "decode":
+            if kind in ("decode", "preview"):
                 shape = (self.batch, channels, *stage.latent)
                 held += image * vae_element + image * 4  # the output and its fp32 copy
             else:
@@ -571,8 +578,12 @@ class _Planner:
             name = f"VAE {kind} (stage {number})"
             if kind == "decode" and number == len(self.stages):
                 name = "VAE decode"
+            elif kind == "preview":
+                name = f"VAE decode (preview, stage {number})"
             prepared.append((kind, number, name, shape, held))
         vae_budget = None
+        if not prepared:
+            return []
         if self.budget is not None:
             vae_budget = min(self.budget - weights - held for *_, held in prepared)
             if not self.given_budget:
@@ -588,7 +599,7 @@ class _Planner:
         self.plan.vae_max_memory = vae_budget
         phases = []
         for kind, number, name, shape, held in prepared:
-            planner = vae_io.plan_decode if kind == "decode" else vae_io.plan_encode
+            planner = vae_io.plan_encode if kind == "encode" else vae_io.plan_decode
             try:
                 tile_plan = planner(vae, shape, max_memory=vae_budget)
             except vae_io.TilePlanError as error:
@@ -662,7 +673,8 @@ class _Planner:
         # stage, encode this one), the final decode last.
         for stage, phase in zip(self.stages, stages, strict=True):
             plan.phases.extend(p for kind, number, p in vae if p.name != "VAE decode" and (
-                number == stage.stage - 1 if kind == "decode" else number == stage.stage))
+                number == stage.stage - 1 if kind == "decode" else
+                kind == "encode" and number == stage.stage))
             plan.phases.append(phase)
         if largest is not None and largest[2].attention_tokens:
             base, stage, call = largest
@@ -677,7 +689,7 @@ class _Planner:
             plan.notes.append(
                 f"the math SDPA backend would add {gib(self.workspace * call.math_scores)} of "
                 f"N x N scores at that layer (flash / memory-efficient SDPA add none)")
-        plan.phases.extend(p for _, _, p in vae if p.name == "VAE decode")
+        plan.phases.extend(p for kind, _, p in vae if p.name == "VAE decode" or kind == "preview")
         if self.budget is not None:
             over = [phase for phase in plan.phases if phase.bytes > self.budget]
             if over:
@@ -691,8 +703,8 @@ class _Planner:
 
 def plan(sampler: Any, height: int, width: int, batch_size: int = 1,
          max_memory: int | None = None, *, num_inference_steps: int = 50,
-         guidance_scale: float | None = None,
-         options: dict[str, Any] | None = None) -> MemoryPlan:
+         guidance_scale: float | None = None, output_type: str = "pil",
+         decode_stages: bool = False, options: dict[str, Any] | None = None) -> MemoryPlan:
     """The memory plan of ``sampler`` called at ``height x width`` for ``batch_size`` images,
     made before any model work (closed form: milliseconds, whatever the size).
 
@@ -704,6 +716,8 @@ def plan(sampler: Any, height: int, width: int, batch_size: int = 1,
             CUDA what is free (:func:`default_budget`), elsewhere no limit.
         num_inference_steps: the call's steps (the view counts of some methods depend on them).
         guidance_scale: the call's (None: the method's default); ``<= 1`` halves the UNet rows.
+        output_type, decode_stages: the call's: ``"latent"`` plans no final decode,
+            ``decode_stages`` a decode per stage.
         options: the method's call options (FreeScale's ``image``).
 
     Returns:
@@ -733,6 +747,9 @@ def plan(sampler: Any, height: int, width: int, batch_size: int = 1,
     steps = check_int(num_inference_steps, "num_inference_steps", minimum=1)
     scale = sampler.default_guidance_scale if guidance_scale is None else guidance_scale
     rows = _rows_per_view(guidance_for(scale))
-    return _Planner(sampler, height, width, batch, max_memory, steps, rows,
-                    dict(options or {})).run()
+    planner = _Planner(sampler, height, width, batch, max_memory, steps, rows,
+                       dict(options or {}))
+    planner.decode_final = output_type != "latent" or decode_stages
+    planner.decode_stages = bool(decode_stages)
+    return planner.run()
 

@@ -240,7 +240,7 @@ def test_auto_view_batch_resolves_through_the_plan(sdxl):
     assert all(phase.bytes <= budget for phase in memory.phases)
     loose = hrkernels.plan(sampler, height=384, width=384, max_memory=budget * 10)
     assert loose.view_batch_size > memory.view_batch_size
-    out = call(sampler, (384, 384), output_type="latent", max_memory=budget)
+    out = call(sampler, (384, 384), max_memory=budget)
     assert out.memory.view_batch_size == memory.view_batch_size
     window_rows = [rows for (rows, h, w) in out.unet_calls if (h, w) == (16, 16)]
     assert 2 * 8 < max(window_rows) <= 2 * memory.view_batch_size
@@ -293,6 +293,16 @@ def test_plan_checks_its_arguments(sdxl):
         hrkernels.plan(sampler, height=250, width=256)
 
 
+def test_the_plan_follows_the_decodes_a_call_makes(sdxl):
+    sampler = DemoFusion(sdxl)
+    names = {key: [p.name for p in hrkernels.plan(sampler, height=256, width=256, **kwargs).phases
+                   if "VAE" in p.name]
+             for key, kwargs in {"latent": {"output_type": "latent"}, "pil": {},
+                                 "previews": {"decode_stages": True}}.items()}
+    assert names == {"latent": [], "pil": ["VAE decode"],
+                     "previews": ["VAE decode", "VAE decode (preview, stage 1)"]}
+
+
 def test_the_plan_prints_a_table_of_its_phases(sdxl):
     memory = hrkernels.plan(FreeScale(sdxl), height=256, width=256)
     text = str(memory).splitlines()
@@ -339,7 +349,7 @@ class PlainSampler(Sampler):
 def test_a_new_sampler_gets_its_plan_from_the_base_class(sdxl):
     out = call(PlainSampler(sdxl), (192, 128), output_type="latent")
     assert [p.name for p in out.memory.phases] == [
-        "weights", "stage 1 UNet (128x192)", "attention (largest layer, stage 1)", "VAE decode"]
+        "weights", "stage 1 UNet (128x192)", "attention (largest layer, stage 1)"]
     assert out.unet_calls == {(2, 24, 16): 2}
     with pytest.raises(MemoryPlanError, match="phase 'stage 1 UNet"):
         call(PlainSampler(sdxl), (192, 128), max_memory=out.memory.phases[0].bytes + 1)

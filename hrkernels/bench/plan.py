@@ -83,12 +83,16 @@ def unet_markdown(calls: list[dict[str, Any]]) -> str:
 def run_case(pipe: Any, method: str, size: int) -> dict[str, Any]:
     """Plan, sample and decode one case; see the module docstring."""
     from hrkernels.bench.e2e import _embeds
+    from hrkernels.planner import plan
     from hrkernels.samplers import SAMPLERS
 
     sampler = SAMPLERS[method](pipe, view_batch_size="auto")
     device = torch.device("cuda")
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
+    # The plan of the whole call as a user makes it (decode included); the call below samples
+    # with output_type="latent" (its plan makes the same choices) and decodes after.
+    memory = plan(sampler, size, size, num_inference_steps=STEPS, output_type="pil")
     torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     out = sampler(**_embeds(pipe), height=size, width=size, num_inference_steps=STEPS,
@@ -96,16 +100,16 @@ def run_case(pipe: Any, method: str, size: int) -> dict[str, Any]:
                   generator=torch.Generator("cuda").manual_seed(0))
     torch.cuda.synchronize()
     sampling_peak = torch.cuda.max_memory_allocated(device)
-    memory = out.memory
     torch.cuda.reset_peak_memory_stats(device)
     images = sampler.adapter.to_images(out.latents, "pil", memory.vae_max_memory)
     torch.cuda.synchronize()
     decode_peak = torch.cuda.max_memory_allocated(device)
     seconds = time.perf_counter() - start
-    del images, out
     sampling, decode = split_estimates(memory)
     case = f"{method}-{size}"
     choices = f"view_batch_size={memory.view_batch_size}"
+    if out.memory.view_batch_size != memory.view_batch_size:
+        choices += f" (the sampling call's: {out.memory.view_batch_size})"
     if memory.window_chunk is not None:
         choices += f", window_chunk={memory.window_chunk}"
     return {
@@ -118,6 +122,7 @@ def run_case(pipe: Any, method: str, size: int) -> dict[str, Any]:
         "phases": [{"name": p.name, "gib": p.bytes / 2**30, "detail": p.detail}
                    for p in memory.phases],
         "plan": str(memory),
+        "images": len(images),
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
     }
 

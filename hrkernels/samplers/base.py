@@ -325,7 +325,8 @@ class Sampler:
             self, height, width, _call_batch(prompt, prompt_embeds, num_images_per_prompt),
             max_memory, num_inference_steps=num_inference_steps,
             guidance_scale=self.default_guidance_scale if guidance_scale is None
-            else guidance_scale, options=method)
+            else guidance_scale, output_type=output_type, decode_stages=decode_stages,
+            options=method)
         logger.info("%s", memory)
         self.view_plan(height, width, num_inference_steps)
         adapter = self.adapter
