@@ -27,6 +27,7 @@ calibrated constant.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -390,6 +391,14 @@ def default_budget(device: torch.device, resident: int) -> int | None:
     return max(0, free + cached + resident - AUTO_MEMORY_RESERVE)
 
 
+def host_memory() -> int | None:
+    """The host's physical memory in bytes (None where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def _workspace(device: torch.device, table: dict[str, float] = UNET_WORKSPACE) -> float:
     return table.get(device.type, table["cuda"])
 
@@ -455,6 +464,8 @@ class _Planner:
         self.given_budget = max_memory is not None
         self.budget = max_memory if max_memory is not None else default_budget(
             self.device, self.weights.resident)
+        # Without a budget (a CPU), no phase may need more than the host has: it could not run.
+        self.limit = self.budget if self.budget is not None else host_memory()
         self.views = sampler.count_views(height, width, num_inference_steps)
         f = adapter.vae_scale_factor
         self.stages = [
@@ -624,8 +635,10 @@ class _Planner:
 
     def error(self, phase: Phase, remedy: str, budget: str | None = None) -> MemoryPlanError:
         self.plan.phases.append(phase)
-        if budget is None:
-            budget = "no limit" if self.budget is None else gib(self.budget)
+        if budget is None and self.budget is None:
+            budget = f"{gib(self.limit or 0)} (max_memory=None: no budget, but the host's memory)"
+        elif budget is None:
+            budget = gib(self.budget)
         return MemoryPlanError(
             f"{self.sampler.name}: {self.plan.width}x{self.plan.height} (W x H), batch "
             f"{self.batch}: phase '{phase.name}' needs an estimated {gib(phase.bytes)} "
@@ -642,8 +655,8 @@ class _Planner:
         if others >= 2**20:
             parts.append(f"model CPU offload (pipe.enable_model_cpu_offload(): "
                          f"{gib(others)} of other weights leave the device)")
-        if self.budget is not None and total > 0:
-            scale = math.sqrt(max(self.budget - self.weights.resident, 1) / total)
+        if self.limit is not None and total > 0:
+            scale = math.sqrt(max(self.limit - self.weights.resident, 1) / total)
             side = 64 * max(1, int(max(self.plan.height, self.plan.width) * scale) // 64)
             parts.append(f"a smaller size (about {side} pixels on the long side)")
         return ", or ".join(parts) or "more memory"
@@ -651,7 +664,7 @@ class _Planner:
     def run(self) -> MemoryPlan:
         plan = self.plan
         plan.phases.append(Phase("weights", self.weights.resident, self.weights.detail))
-        if self.budget is not None and self.weights.resident > self.budget:
+        if self.limit is not None and self.weights.resident > self.limit:
             raise self.error(plan.phases.pop(), "model CPU offload "
                              "(pipe.enable_model_cpu_offload()) or a smaller dtype")
         self.choose_batches()
@@ -662,7 +675,7 @@ class _Planner:
             total, call, detail = self.stage_bytes(stage, plan.window_chunk)
             phase = Phase(f"stage {stage.stage} UNet ({stage.size[1]}x{stage.size[0]})", total,
                           detail)
-            if self.budget is not None and total > self.budget:
+            if self.limit is not None and total > self.limit:
                 activations = total - self.weights.resident - self.weights.unet
                 raise self.error(phase, self.unet_remedy(stage, activations))
             stages.append(phase)
@@ -690,8 +703,8 @@ class _Planner:
                 f"the math SDPA backend would add {gib(self.workspace * call.math_scores)} of "
                 f"N x N scores at that layer (flash / memory-efficient SDPA add none)")
         plan.phases.extend(p for kind, _, p in vae if p.name == "VAE decode" or kind == "preview")
-        if self.budget is not None:
-            over = [phase for phase in plan.phases if phase.bytes > self.budget]
+        if self.limit is not None:
+            over = [phase for phase in plan.phases if phase.bytes > self.limit]
             if over:
                 raise self.error(plan.phases.pop(plan.phases.index(over[0])),
                                  "a smaller size or more memory")
@@ -713,7 +726,9 @@ def plan(sampler: Any, height: int, width: int, batch_size: int = 1,
         height, width: the target in pixels (checked as the sampler checks them).
         batch_size: images per call (prompts x ``num_images_per_prompt``).
         max_memory: bytes the call may use on the sampler's device, weights included; None: on
-            CUDA what is free (:func:`default_budget`), elsewhere no limit.
+            CUDA what is free (:func:`default_budget`), elsewhere no budget (the choices are the
+            defaults: 8 views per call, the VAE's own budget), but a phase that needs more than
+            the host's physical memory still fails (it could not run).
         num_inference_steps: the call's steps (the view counts of some methods depend on them).
         guidance_scale: the call's (None: the method's default); ``<= 1`` halves the UNet rows.
         output_type, decode_stages: the call's: ``"latent"`` plans no final decode,

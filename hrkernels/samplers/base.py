@@ -280,8 +280,9 @@ class Sampler:
                 must take it).
             progress: show a tqdm bar per stage.
             max_memory: bytes of device memory the call may use, weights included (None: on
-                CUDA what is free, elsewhere no limit). The memory plan
-                (:func:`hrkernels.plan`, in ``SamplerOutput.memory``) is made first and picks
+                CUDA what is free; elsewhere no budget, but no phase beyond the host's memory).
+                The memory plan (:func:`hrkernels.plan`, in ``SamplerOutput.memory``) is made
+                first and picks
                 ``view_batch_size="auto"``, the VAE tile plans and FreeScale's window chunks to
                 fit it.
             method_options: the call options of the method (its ``__call__`` documents them),
