@@ -142,7 +142,7 @@ class MemoryPlan:
 
     def __str__(self) -> str:
         """A table of the phases, the choices and the notes (the CLI's ``--plan``)."""
-        budget = "no limit" if self.budget is None else gib(self.budget)
+        budget = "none (max_memory=None)" if self.budget is None else gib(self.budget)
         lines = [f"{self.sampler} memory plan: {self.width}x{self.height} (W x H), batch "
                  f"{self.batch}, {self.device}, budget {budget}"]
         width = max(len(phase.name) for phase in self.phases) if self.phases else 5
@@ -405,7 +405,8 @@ def _workspace(device: torch.device, table: dict[str, float] = UNET_WORKSPACE) -
 
 @dataclass
 class _StageModel:
-    """What the planner needs of one stage (all bytes)."""
+    """What the planner needs of one stage: its sizes, views per image per step, views per
+    UNet call (chosen) and Scale Fusion's settings (None: plain attention)."""
 
     stage: int
     size: tuple[int, int]  # pixels
