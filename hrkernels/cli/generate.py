@@ -107,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output image file (.png); several images get _1, _2, ... suffixes "
-                             "(with --prompt)")
+                             "(required with --prompt, unless --plan)")
     parser.add_argument("--parallel", choices=("views", "cfg"), default=None,
                         help="under torchrun with --prompt: share every step's views "
                              "(demofusion, apt; the default for them) or guidance branches "
@@ -120,6 +120,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "scheduler config (default: the method's choice)")
     parser.add_argument("--view-batch-size", default="auto",
                         help='views per UNet call, or "auto" (default)')
+    parser.add_argument("--max-memory", type=float, default=None, metavar="GIB",
+                        help="device memory the call may use in GiB, weights included (default: "
+                             "on a GPU what is free, on a CPU no limit)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the memory plan (phases, estimates, choices) and exit "
+                             "without sampling; exit status 2 if it does not fit")
     parser.add_argument("--device", default=None,
                         help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
@@ -319,8 +325,8 @@ def _check_modes(args: argparse.Namespace, sampler: type) -> None:
         raise ValueError("pass exactly one of --prompt (one image, --out) and --prompts (a file "
                          "of prompts, --out-dir)")
     if args.prompt is not None:
-        if args.out is None:
-            raise ValueError("--prompt needs --out (the image file)")
+        if args.out is None and not args.plan:
+            raise ValueError("--prompt needs --out (the image file), unless --plan")
         if args.out_dir is not None:
             raise ValueError("--out-dir goes with --prompts; with --prompt name the file with "
                              "--out")
@@ -328,6 +334,8 @@ def _check_modes(args: argparse.Namespace, sampler: type) -> None:
             raise ValueError(f"--parallel {args.parallel}: {args.method} shares "
                              f"{' or '.join(sampler.parallel_modes)} across ranks")
         return
+    if args.plan:
+        raise ValueError("--plan goes with --prompt (the plan of one image)")
     if args.out_dir is None:
         raise ValueError("--prompts needs --out-dir (the folder of the images)")
     for flag, given in (("--out", args.out is not None), ("--previews", args.previews is not None),
@@ -351,11 +359,22 @@ def _rank_device(device: str) -> str:
     return device
 
 
+def _max_memory(gib: float | None) -> int | None:
+    """``--max-memory`` (GiB) in bytes."""
+    if gib is None:
+        return None
+    if not gib > 0 or gib == float("inf"):
+        raise ValueError(f"--max-memory must be a positive number of GiB; got {gib}")
+    return int(gib * 2**30)
+
+
 @reports_usage_errors(NAME)
 def run(args: argparse.Namespace) -> int:
     """Run ``hrkernels generate``; returns the exit status (0, or 2 for a bad argument, device,
-    backend, model or output path: one line on stderr, before any model work where it can be
-    known then; every rank of a ``torchrun`` job checks the same and fails the same)."""
+    backend, model or output path, or a call whose memory plan does not fit: one line on stderr,
+    before any model work where it can be known then; every rank of a ``torchrun`` job checks the
+    same and fails the same). ``--plan`` prints the memory plan (:func:`hrkernels.plan`) and exits
+    without sampling."""
     import torch
 
     from hrkernels import distributed
@@ -365,11 +384,13 @@ def run(args: argparse.Namespace) -> int:
     device = _rank_device(default_device(args.device))
     check_backend(torch.device(device))
     dtype = resolve_dtype(args.dtype, device)
+    max_memory = _max_memory(args.max_memory)
     sampler_class = SAMPLERS[args.method]
     _check_modes(args, sampler_class)
     if args.prompts is not None:
         return _run_prompts(args, sampler_class, device, dtype)
-    check_outputs(args.out, args.previews)
+    if args.out is not None:
+        check_outputs(args.out, args.previews)
     options = _sampler_options(args, sampler_class)
     call_options = _call_options(args)
     if distributed.world_size() > 1:
@@ -382,13 +403,22 @@ def run(args: argparse.Namespace) -> int:
     default_height, default_width = _default_size(sampler.adapter.base_size,
                                                   call_options.get("image"))
     height, width = args.height or default_height, args.width or default_width
+    if args.plan:
+        from hrkernels.planner import plan
+
+        default_steps = getattr(sampler, "default_steps", lambda: 50)
+        print(plan(sampler, height, width, 1, max_memory,
+                   num_inference_steps=args.steps or default_steps(),
+                   guidance_scale=args.guidance, options=call_options))
+        return 0
     generator = torch.Generator(device=device).manual_seed(args.seed)
     steps = {} if args.steps is None else {"num_inference_steps": args.steps}
     output = sampler(prompt=args.prompt, negative_prompt=args.negative_prompt, height=height,
                      width=width, **steps,
                      guidance_scale=args.guidance, eta=args.eta, generator=generator,
                      output_type="pil",
-                     decode_stages=args.previews is not None, progress=True, **call_options)
+                     decode_stages=args.previews is not None, progress=True,
+                     max_memory=max_memory, **call_options)
     if not distributed.is_main():
         return 0  # rank 0 writes the files
     args.out.parent.mkdir(parents=True, exist_ok=True)

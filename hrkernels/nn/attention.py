@@ -8,8 +8,10 @@ For a transformer's self-attention over a token grid ``[B, h, w, D]``:
   :func:`hrkernels.ops.scatter_dilated`; the grid padded with zero tokens to multiples of ``s``);
 * **local**: the grid cut into windows (base token grid of the layer, stride half a window, jitter;
   zero tokens outside the grid, as keys and values too) with :func:`hrkernels.ops.gather_windows`
-  (channels-last: the token tensor is read in place), ONE batched SDPA over all windows, and the
-  windows put back with :func:`hrkernels.ops.scatter_windows_mean` (overlaps averaged);
+  (channels-last: the token tensor is read in place), ONE batched SDPA over all windows (or, with
+  ``window_chunk``, one per chunk of windows into a preallocated result: the same values, less
+  memory), and the windows put back with :func:`hrkernels.ops.scatter_windows_mean` (overlaps
+  averaged);
 * **fusion**: ``out = global + G(local - global)`` (:func:`hrkernels.ops.frequency_fusion`, kernel
   ``2 max(s_h, s_w) - 1``, ``sigma``; ``feature_blur`` also blurs along the features).
 
@@ -47,6 +49,7 @@ class ScaleFusionSettings:
     sigma: float = 1.0
     fast_mode: bool = False
     feature_blur: bool = False
+    window_chunk: int | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,29 @@ def _windows(x: torch.Tensor, grid: tuple[int, int], starts: torch.Tensor,
     return _as_tokens(views)
 
 
+def _local_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     grid: tuple[int, int], starts: torch.Tensor, window: tuple[int, int],
+                     heads: int, chunk: int | None) -> torch.Tensor:
+    """Attention within every window of ``[B, h w, D]`` tokens -> ``[n B, wh ww, D]`` (window-major,
+    as :func:`hrkernels.ops.gather_windows`): one SDPA call over all ``n`` windows, or one per
+    ``chunk`` windows written into the preallocated result (the same values: every window is
+    attended on its own; the peak holds the result and one chunk's q, k, v instead of all)."""
+    count = starts.shape[0]
+    if chunk is None or chunk >= count:
+        return _attention(_windows(query, grid, starts, window),
+                          _windows(key, grid, starts, window),
+                          _windows(value, grid, starts, window), heads)
+    batch, _, dim = query.shape
+    out = query.new_empty(count * batch, window[0] * window[1], dim)
+    for first in range(0, count, chunk):
+        part = starts[first:first + chunk]
+        rows = slice(first * batch, (first + part.shape[0]) * batch)
+        out[rows] = _attention(_windows(query, grid, part, window),
+                               _windows(key, grid, part, window),
+                               _windows(value, grid, part, window), heads)
+    return out
+
+
 def _dilated(x: torch.Tensor, grid: tuple[int, int], scale: tuple[int, int]) -> torch.Tensor:
     """The ``s_h s_w`` dilated sub-grids of ``[B, h w, D]`` tokens (the grid padded with zero
     tokens to multiples of ``scale``) as ``[s_h s_w B, h' w', D]``."""
@@ -230,11 +256,11 @@ class ScaleFusionAttention:
             global_map = full[:, :, :grid[0], :grid[1]]
         else:
             global_map = _as_map(_attention(query, key, value, heads), grid)
-        # Local: every window of every image in one SDPA call, overlaps averaged.
+        # Local: every window of every image in one SDPA call (or in chunks of windows when a
+        # memory budget says so), overlaps averaged.
         starts = self.table.starts(windows, hidden_states.device)
-        local = _attention(_windows(query, grid, starts, windows.window),
-                           _windows(key, grid, starts, windows.window),
-                           _windows(value, grid, starts, windows.window), heads)
+        local = _local_attention(query, key, value, grid, starts, windows.window, heads,
+                                 self.settings.window_chunk)
         local_map = ops.scatter_windows_mean(
             _as_map(local, windows.window).contiguous(memory_format=torch.channels_last),
             starts, grid)

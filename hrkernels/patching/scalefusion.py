@@ -67,6 +67,9 @@ class ScaleFusion:
             over all tokens.
         feature_blur: the fusion's blur also runs along the feature axis (a 3-D Gaussian, as the
             authors' current code; the paper blurs over (h, w) only).
+        window_chunk: local windows per SDPA call (None: all windows of the layer in one call);
+            the result is the same, the peak memory of the local branch smaller (the memory
+            planner sets it for FreeScale when the budget says so).
         layers: block names whose transformers get Scale Fusion (``"down_blocks.1"``,
             ``"mid_block"``, or a transformer's own name); None: every transformer of the UNet.
         seed: seeds the window jitter drawn on first use when no sampler prepared it.
@@ -88,6 +91,7 @@ class ScaleFusion:
     feature_blur: bool = False
     layers: tuple[str, ...] | None = None
     seed: int = 0
+    window_chunk: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "window", _pair(self.window, "window"))
@@ -98,6 +102,9 @@ class ScaleFusion:
         check_bool(self.fast_mode, "fast_mode")
         check_bool(self.feature_blur, "feature_blur")
         check_int(self.seed, "seed", minimum=0)
+        if self.window_chunk is not None:
+            check_int(self.window_chunk, "window_chunk (None or windows per SDPA call)",
+                      minimum=1)
         if self.layers is not None:
             layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
             if not layers or not all(isinstance(name, str) for name in layers):
@@ -107,7 +114,7 @@ class ScaleFusion:
     @property
     def settings(self) -> ScaleFusionSettings:
         return ScaleFusionSettings(self.window, self.stride, self.jitter, float(self.sigma),
-                                   self.fast_mode, self.feature_blur)
+                                   self.fast_mode, self.feature_blur, self.window_chunk)
 
 
 def _is_transformer(module: nn.Module) -> bool:

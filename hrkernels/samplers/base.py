@@ -6,6 +6,7 @@ output. A method subclasses :class:`Sampler` and implements :meth:`Sampler.stage
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from hrkernels import planner
 from hrkernels._validate import check_bool, check_choice, check_int, check_real
 from hrkernels.patching import is_patched, patch_state, set_step
 from hrkernels.samplers.engine import (
@@ -39,6 +41,8 @@ from hrkernels.samplers.schedulers import (
 from hrkernels.samplers.stages import Run, StepCallback, resolve_generator
 
 __all__ = ["Sampler", "ViewPlan"]
+
+logger = logging.getLogger("hrkernels")
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,37 @@ class Sampler:
         (default: the whole latent once; methods that cut views override it)."""
         return [{size: 1} for size in latent_sizes]
 
+    def view_batch_groups(self, latent_sizes: list[tuple[int, int]],
+                          batch: int) -> list[tuple[tuple[int, ...], dict[tuple[int, int],
+                                                                          list[int]]]]:
+        """The engine's view-batch choices of a call, for the memory planner: per
+        :meth:`~hrkernels.samplers.engine.Engine.plan` call of :meth:`generate`, the stages
+        (1-based) it serves and its ``{view shape: [view rows per step, ...]}``. Default: one per
+        stage, from :meth:`stage_views`."""
+        return [((number,), {shape: [views * batch] for shape, views in per_shape.items()})
+                for number, per_shape in enumerate(self.stage_views(latent_sizes), start=1)]
+
+    def vae_calls(self, stages: int, options: Mapping[str, Any]) -> list[tuple[str, int]]:
+        """The VAE calls of a call of ``stages`` stages, in order, for the memory planner:
+        ``("decode" | "encode", stage)`` (default: ``image=``'s encode at stage 1's size, then the
+        final decode). ``options``: the method's call options and ``image``."""
+        return ([("encode", 1)] if options.get("image") is not None else []) + \
+            [("decode", stages)]
+
+    def window_settings(self, stage: int) -> Any:
+        """The :class:`~hrkernels.nn.attention.ScaleFusionSettings` the UNet's self-attention runs
+        with in ``stage`` (1-based), or None for plain attention (the memory planner's)."""
+        return None
+
+    def count_views(self, height: int, width: int, num_inference_steps: int = 50) -> ViewPlan:
+        """The stages, steps and views of a call at this size, counted in closed form (checks
+        the size; no warning, no limit: :meth:`view_plan` adds them)."""
+        sizes = self.stage_sizes(height, width)
+        num_inference_steps = check_int(num_inference_steps, "num_inference_steps", minimum=1)
+        f = self.adapter.vae_scale_factor
+        return ViewPlan(sizes, self.stage_steps(num_inference_steps, len(sizes)),
+                        self.stage_views([(h // f, w // f) for h, w in sizes]))
+
     def view_plan(self, height: int, width: int, num_inference_steps: int = 50) -> ViewPlan:
         """The stages, steps and views a call at this size evaluates, counted before any work.
 
@@ -162,11 +197,8 @@ class Sampler:
                 plan evaluates more than :attr:`max_view_evaluations` views per image (the message
                 gives the plan's numbers).
         """
-        sizes = self.stage_sizes(height, width)
-        num_inference_steps = check_int(num_inference_steps, "num_inference_steps", minimum=1)
-        f = self.adapter.vae_scale_factor
-        plan = ViewPlan(sizes, self.stage_steps(num_inference_steps, len(sizes)),
-                        self.stage_views([(h // f, w // f) for h, w in sizes]))
+        plan = self.count_views(height, width, num_inference_steps)
+        sizes = plan.sizes
         label = f"{width}x{height} (W x H)"
         ratio = max(height, width) / min(height, width)
         if ratio > self.max_aspect_ratio:
@@ -275,6 +307,7 @@ class Sampler:
         control_guidance_end: float | list[float] | None = None,
         ip_adapter_image: Any = None,
         ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        max_memory: int | None = None,
         method_options: Mapping[str, Any] | None = None,
     ) -> SamplerOutput:
         """Generate images of ``height x width`` pixels.
@@ -320,6 +353,11 @@ class Sampler:
             ip_adapter_image, ip_adapter_image_embeds: with an IP-Adapter loaded
                 (``pipe.load_ip_adapter``), as the pipeline's own ``__call__`` takes them; the
                 embeddings reach every UNet call, one row per view row.
+            max_memory: bytes of device memory the call may use, weights included (None: on
+                CUDA what is free; elsewhere no budget, but no phase beyond the host's memory).
+                The memory plan (:func:`hrkernels.plan`, in ``SamplerOutput.memory``) is made
+                first and picks ``view_batch_size="auto"``, the VAE tile plans and FreeScale's
+                window chunks to fit it.
             method_options: the call options of the method (its ``__call__`` documents them),
                 given to :meth:`check_call` and :meth:`generate` as ``run.options``.
 
@@ -334,10 +372,12 @@ class Sampler:
             TypeError / ValueError: bad sizes, steps, prompts, options or output type (the message
                 names the argument); a size beyond :attr:`max_view_evaluations`
                 (:meth:`view_plan`).
+            MemoryPlanError: no choice fits ``max_memory`` (before any model work; the message
+                names the phase, its estimate, the budget and what would make it fit).
             NonFiniteLatentsError: NaN/inf appeared in the latents (names stage and step).
         """
         num_inference_steps = check_int(num_inference_steps, "num_inference_steps", minimum=1)
-        sizes = self.view_plan(height, width, num_inference_steps).sizes
+        sizes = self.count_views(height, width, num_inference_steps).sizes
         guidance = guidance_for(self.default_guidance_scale if guidance_scale is None
                                 else guidance_scale)
         check_choice(output_type, "output_type", OUTPUT_TYPES)
@@ -354,9 +394,19 @@ class Sampler:
         method = dict(method_options or {})
         self.check_call(sizes, num_inference_steps, options, **method)
         progress = progress and getattr(self.executor, "is_main", True)  # rank 0's bars only
+        # The memory plan first (closed form): a call that cannot fit fails here, before the
+        # view-count limit and any model work.
+        memory = planner.plan(
+            self, height, width, _call_batch(prompt, prompt_embeds, num_images_per_prompt),
+            max_memory, num_inference_steps=num_inference_steps,
+            guidance_scale=self.default_guidance_scale if guidance_scale is None
+            else guidance_scale, output_type=output_type, decode_stages=decode_stages,
+            options={**method, "image": image})
+        logger.info("%s", memory)
+        self.view_plan(height, width, num_inference_steps)
         adapter = self.adapter
-        batch = _prompt_batch(prompt, prompt_embeds) * check_int(
-            num_images_per_prompt, "num_images_per_prompt", minimum=1)
+        batch = _call_batch(prompt, prompt_embeds, check_int(
+            num_images_per_prompt, "num_images_per_prompt", minimum=1))
         pixels = self.check_image(image, fidelity, height, width, batch)
         controls = control_inputs(adapter, control_image, controlnet_conditioning_scale,
                                   control_guidance_start, control_guidance_end, height=height,
@@ -378,19 +428,22 @@ class Sampler:
                   guidance=guidance, generator=generator, num_inference_steps=num_inference_steps,
                   step_options=options, callback=callback_on_step_end, progress=progress,
                   num_stages=len(sizes), options=method, image=pixels,
-                  fidelity=None if image is None else fidelity)
+                  fidelity=None if image is None else fidelity, memory=memory)
+        run.engine.auto_view_batch = memory.view_batch_size
         with self._in_step() as exchanges:
             with _step_kept(adapter.model):
                 stages = self.generate(run, sizes)
             if decode_stages:
                 for result in stages:
-                    result.images = adapter.to_images(result.latents, output_type)
+                    result.images = adapter.to_images(result.latents, output_type,
+                                                      run.vae_max_memory)
                 images = stages[-1].images
             else:
-                images = adapter.to_images(stages[-1].latents, output_type)
+                images = adapter.to_images(stages[-1].latents, output_type, run.vae_max_memory)
         return SamplerOutput(images=images, stages=stages, latents=stages[-1].latents,
                              unet_calls=dict(run.engine.calls), plan=list(run.plan),
-                             communication=None if exchanges is None else exchanges.summary())
+                             communication=None if exchanges is None else exchanges.summary(),
+                             memory=memory)
 
     def _in_step(self) -> contextlib.AbstractContextManager[Any]:
         """The ranks of a parallel executor in step for the stages and the decoding (its
@@ -400,14 +453,18 @@ class Sampler:
         return contextlib.nullcontext() if session is None else session(self.name)
 
 
-def _prompt_batch(prompt: Any, prompt_embeds: Any) -> int:
-    """Prompts in a call (before ``num_images_per_prompt``): a list's length, an embeddings
-    tensor's batch, else 1 (the prompt arguments are checked in full when encoded)."""
-    if isinstance(prompt, list):
-        return max(1, len(prompt))
-    if prompt is None and isinstance(prompt_embeds, torch.Tensor) and prompt_embeds.dim() > 0:
-        return prompt_embeds.shape[0]
-    return 1
+def _call_batch(prompt: Any, prompt_embeds: Any, num_images_per_prompt: Any) -> int:
+    """Images per call, for the memory plan (before the prompt arguments are checked: a bad one
+    counts as 1 and is reported by the checks that follow)."""
+    if isinstance(prompt, list) and prompt:
+        prompts = len(prompt)
+    elif isinstance(prompt_embeds, torch.Tensor) and prompt_embeds.dim() == 3:
+        prompts = prompt_embeds.shape[0]
+    else:
+        prompts = 1
+    per_prompt = num_images_per_prompt if isinstance(num_images_per_prompt, int) and \
+        num_images_per_prompt >= 1 else 1
+    return prompts * per_prompt
 
 
 @contextlib.contextmanager

@@ -231,6 +231,14 @@ class DemoFusion(Sampler):
                 counts.setdefault(shape, []).append(views * batch)
         return counts
 
+    def view_batch_groups(self, latent_sizes: list[tuple[int, int]],
+                          batch: int) -> list[tuple[tuple[int, ...], dict[tuple[int, int],
+                                                                          list[int]]]]:
+        """Stage 1's batch shape, and one for the views of all later stages (:meth:`generate`)."""
+        later = tuple(range(2, len(latent_sizes) + 1))
+        return [((1,), {latent_sizes[0]: [batch]}),
+                (later, self.view_counts(latent_sizes, batch))]
+
     def base_stage(self, run: Run, sizes: list[tuple[int, int]], size: tuple[int, int],
                    batch_sizes: dict[tuple[int, int], int]) -> torch.Tensor:
         """Stage 1: ordinary sampling at the base size, or the caller's ``image`` encoded at

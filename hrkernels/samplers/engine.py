@@ -295,6 +295,9 @@ class Engine:
         self.dtype = adapter.dtype
         self.device = adapter.device
         self.calls: Counter[tuple[int, int, int]] = Counter()
+        # What view_batch_size="auto" resolves to (the memory planner's choice, set by the
+        # sampler before the stages run); None: estimated from the free memory here.
+        self.auto_view_batch: int | None = None
         # (first image, k, branches) -> the text rows of a call; built by prepare().
         self._text: dict[tuple[int, int, tuple[str, ...]], dict[str, torch.Tensor]] = {}
 
@@ -303,7 +306,8 @@ class Engine:
     def plan(self, shape_counts: dict[tuple[int, int], list[int]], view_batch_size: int | str,
              guidance: Guidance) -> dict[tuple[int, int], int]:
         """Views per call for every input shape (see :func:`choose_view_batch`), and the rows of
-        every call built ahead (:meth:`prepare`).
+        every call built ahead (:meth:`prepare`). ``"auto"`` is :attr:`auto_view_batch` when the
+        sampler set it (the memory planner's choice).
 
         ``shape_counts``: ``{view shape: [views per step, one entry per stage]}``. With
         ``view_batch_size="auto"``, an executor with a ``concurrency`` (calls it runs at once)
@@ -314,7 +318,8 @@ class Engine:
         for shape, counts in shape_counts.items():
             concurrency = 1.0
             if view_batch_size == "auto":
-                limit = auto_view_batch_limit(self.adapter, shape, _rows_per_view(guidance))
+                limit = (self.auto_view_batch if self.auto_view_batch is not None else
+                         auto_view_batch_limit(self.adapter, shape, _rows_per_view(guidance)))
                 concurrency = getattr(self.executor, "concurrency", 1.0)
             else:
                 limit = int(view_batch_size)

@@ -26,6 +26,7 @@ inside their steps.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -49,6 +50,7 @@ from hrkernels.samplers.stages import (
     initial_latents,
     randn,
     relay,
+    relay_vae_calls,
     run_stage,
     stage_patches,
     stage_schedule,
@@ -124,6 +126,15 @@ class FreeScale(Sampler):
     def stage_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
         return [(stage.height, stage.width) for stage in self.plan(height, width, 1).stages]
 
+    def vae_calls(self, stages: int, options: Any) -> list[tuple[str, int]]:
+        """``image=``'s encode, the relay of every stage ``s >= 2`` (decode ``s - 1``, encode
+        ``s``), the final decode."""
+        return relay_vae_calls(stages, options.get("image") is not None)
+
+    def window_settings(self, stage: int) -> Any:
+        """Scale Fusion's settings in stages >= 2."""
+        return None if stage == 1 else self.fusion.settings
+
     def restart_index(self, timesteps: torch.Tensor) -> int:
         """``K``: the first step index whose timestep is ``<= restart_timestep`` (the last step
         if none is)."""
@@ -134,7 +145,9 @@ class FreeScale(Sampler):
 
     def generate(self, run: Run, sizes: list[tuple[int, int]]) -> list[StageResult]:
         height, width = sizes[-1]
-        plan = self.plan(height, width, run.num_inference_steps)
+        chunk = None if run.memory is None else run.memory.window_chunk
+        plan = freescale_plan(self.pipe, height, width, run.num_inference_steps,
+                              dataclasses.replace(self.fusion, window_chunk=chunk))
         f = self.adapter.vae_scale_factor
         cls = self.scheduler_class()
         first = plan.stages[0]

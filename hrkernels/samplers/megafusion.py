@@ -58,6 +58,7 @@ from hrkernels.samplers.stages import (
     initial_latents,
     randn,
     relay,
+    relay_vae_calls,
     run_stage,
     stage_patches,
     stage_schedule,
@@ -418,6 +419,13 @@ class MegaFusion(Sampler):
                               self._step(run, schedule, batch_sizes, truncate=not last))
             results.append(StageResult(number, size[0], size[1], z))
         return results
+
+    def vae_calls(self, stages: int, options: Any) -> list[tuple[str, int]]:
+        """For the memory planner: ``image=``'s encode, the relay of every stage ``s >= 2``
+        (decode ``s - 1``, encode ``s``), the final decode; none on a pixel-space model."""
+        if self.adapter.pixel_space:
+            return []
+        return relay_vae_calls(stages, options.get("image") is not None)
 
     # -- pieces of a call -------------------------------------------------------------------------
 

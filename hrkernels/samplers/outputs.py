@@ -66,6 +66,8 @@ class SamplerOutput:
             (:meth:`hrkernels.distributed.CommStats.summary`: counts, bytes sent and received,
             seconds of the control and data collectives, in total and per kind); None in one
             process. ``unet_calls`` then counts this rank's model calls only.
+        memory: the call's :class:`hrkernels.MemoryPlan` (phases, budget, choices), made before
+            any model work (``print(out.memory)`` shows its table).
     """
 
     images: Any
@@ -74,3 +76,4 @@ class SamplerOutput:
     unet_calls: dict[tuple[int, int, int], int] = field(default_factory=dict)
     plan: list[str] = field(default_factory=list)
     communication: dict[str, Any] | None = None
+    memory: Any = None

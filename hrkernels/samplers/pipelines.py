@@ -295,24 +295,27 @@ class PipelineAdapter:
 
     # -- output -----------------------------------------------------------------------------------
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, max_memory: int | None = None) -> torch.Tensor:
         """Latents ``[B, C, h, w]`` -> pixels ``[B, 3, h f, w f]`` in about [-1, 1] (not
-        clamped): :func:`hrkernels.vae.decode`, its strips shared across the ranks of
-        :attr:`communicator` when a parallel sampler set one (a pixel-space family returns the
-        latents)."""
-        return vae_io.decode(self.pipe.vae, latents, comm=self.communicator)
+        clamped): :func:`hrkernels.vae.decode` within ``max_memory`` bytes (None: its default),
+        its strips shared across the ranks of :attr:`communicator` when a parallel sampler set
+        one (a pixel-space family returns the latents)."""
+        return vae_io.decode(self.pipe.vae, latents, max_memory=max_memory,
+                             comm=self.communicator)
 
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None,
+               max_memory: int | None = None) -> torch.Tensor:
         """Pixels ``[B, 3, H, W]`` in [-1, 1] -> float32 latents (posterior sample from
-        ``generator``): :func:`hrkernels.vae.encode`."""
-        return vae_io.encode(self.pipe.vae, images, generator=generator)
+        ``generator``): :func:`hrkernels.vae.encode` within ``max_memory`` bytes."""
+        return vae_io.encode(self.pipe.vae, images, generator=generator, max_memory=max_memory)
 
-    def to_images(self, latents: torch.Tensor, output_type: str) -> Any:
+    def to_images(self, latents: torch.Tensor, output_type: str,
+                  max_memory: int | None = None) -> Any:
         """Latents ``[B, C, h, w]`` -> ``output_type`` images (the latents themselves for
-        ``"latent"``)."""
+        ``"latent"``); the decode within ``max_memory`` bytes."""
         if output_type == "latent":
             return latents
-        return self.pipe.image_processor.postprocess(self.decode(latents),
+        return self.pipe.image_processor.postprocess(self.decode(latents, max_memory),
                                                      output_type=output_type)
 
 
@@ -436,10 +439,11 @@ class StableDiffusionAdapter(PipelineAdapter):
     def denoise(self, call: ModelCall) -> torch.Tensor:
         return self.run_unet(call, None)
 
-    def to_images(self, latents: torch.Tensor, output_type: str) -> Any:
+    def to_images(self, latents: torch.Tensor, output_type: str,
+                  max_memory: int | None = None) -> Any:
         if output_type == "latent" or getattr(self.pipe, "safety_checker", None) is None:
-            return super().to_images(latents, output_type)
-        images = self.decode(latents)
+            return super().to_images(latents, output_type, max_memory)
+        images = self.decode(latents, max_memory)
         images, flagged = self.pipe.run_safety_checker(images, images.device, self.dtype)
         keep = None if flagged is None else [not value for value in flagged]
         return self.pipe.image_processor.postprocess(images, output_type=output_type,
@@ -584,13 +588,15 @@ class IFAdapter(PipelineAdapter):
                                 class_labels=call.text.get("class_labels"), return_dict=False)[0]
         return prediction[:, :call.sample.shape[1]]
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, max_memory: int | None = None) -> torch.Tensor:
         return latents
 
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None,
+               max_memory: int | None = None) -> torch.Tensor:
         return images.float()
 
-    def to_images(self, latents: torch.Tensor, output_type: str) -> Any:
+    def to_images(self, latents: torch.Tensor, output_type: str,
+                  max_memory: int | None = None) -> Any:
         if output_type == "latent":
             raise ValueError(f"{self.sampler}: output_type='latent' does not apply to the "
                              "pixel-space DeepFloyd IF; use 'pt', 'np' or 'pil'")

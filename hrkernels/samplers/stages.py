@@ -53,6 +53,7 @@ __all__ = [
     "randn",
     "relay",
     "relay_resize",
+    "relay_vae_calls",
     "resolve_generator",
     "run_stage",
     "stage_patches",
@@ -229,7 +230,7 @@ class Run:
     work; ``image``: the caller's ``image=`` as ``[n, 3, H, W]`` float32 in [0, 1] (n 1 or the
     batch; :func:`image_latent` encodes it), or None; ``fidelity``: the caller's ``fidelity`` in
     [0, 1], or None for the method's own behaviour; ``controls``: the ControlNet conditioning, or
-    None)."""
+    None; ``memory``: the call's :class:`hrkernels.MemoryPlan`)."""
 
     sampler: str
     adapter: PipelineAdapter
@@ -245,6 +246,7 @@ class Run:
     plan: list[str] = field(default_factory=list)
     image: torch.Tensor | None = None
     fidelity: float | None = None
+    memory: Any = None
 
     @property
     def controls(self) -> ControlInputs | None:
@@ -254,6 +256,12 @@ class Run:
         """The control images of one whole-latent view per image at latent ``size`` (None
         without a ControlNet): what a :class:`ViewSet` of the full latent carries."""
         return None if self.controls is None else self.controls.full(size)
+
+    @property
+    def vae_max_memory(self) -> int | None:
+        """The budget of the call's VAE decodes and encodes (the memory plan's; None: the
+        VAE's default)."""
+        return None if self.memory is None else self.memory.vae_max_memory
 
     @property
     def device(self) -> torch.device:
@@ -345,7 +353,7 @@ def image_latent(run: Run, size: tuple[int, int]) -> torch.Tensor:
         raise RuntimeError(f"{run.sampler}: image_latent without an image= in the call")
     pixels = resize_pixels(run.image.to(run.device), size)
     pixels = batch_rows(pixels, run.batch, "image")
-    return run.adapter.encode(pixels * 2 - 1, run.generator).float()
+    return run.adapter.encode(pixels * 2 - 1, run.generator, run.vae_max_memory).float()
 
 
 def fidelity_exponent(exponent: float | torch.Tensor,
@@ -439,6 +447,17 @@ def relay_resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return resized.clamp_(-1, 1)
 
 
+def relay_vae_calls(stages: int, image: bool) -> list[tuple[str, int]]:
+    """The VAE calls of a method that relays through pixels between its stages, in call order, for
+    the memory planner (:meth:`Sampler.vae_calls`): ``image=``'s encode at stage 1's size when
+    ``image``, then per stage ``s >= 2`` the relay (decode at ``s - 1``, encode at ``s``), then the
+    final decode."""
+    calls = [("encode", 1)] if image else []
+    for stage in range(2, stages + 1):
+        calls += [("decode", stage - 1), ("encode", stage)]
+    return calls + [("decode", stages)]
+
+
 def relay(run: Run, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """A stage's (clean) latent handed to a stage of another size through pixels: decode
     (:meth:`PipelineAdapter.decode`: the tiled VAE; a pixel-space model's latents are its pixels),
@@ -447,8 +466,8 @@ def relay(run: Run, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
 
     ``latents``: ``[B, C, h, w]``; returns float32 ``[B, C, H / f, W / f]`` for ``size = (H, W)``.
     """
-    images = relay_resize(run.adapter.decode(latents), size)
-    return run.adapter.encode(images, run.generator)
+    images = relay_resize(run.adapter.decode(latents, run.vae_max_memory), size)
+    return run.adapter.encode(images, run.generator, run.vae_max_memory)
 
 
 @contextlib.contextmanager

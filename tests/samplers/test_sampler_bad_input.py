@@ -16,7 +16,8 @@ from diffusers import (
     PNDMScheduler,
 )
 
-from hrkernels.samplers import APT, DemoFusion, NonFiniteLatentsError, ScaleCrafter
+from hrkernels import MemoryPlanError
+from hrkernels.samplers import APT, DemoFusion, FreeScale, NonFiniteLatentsError, ScaleCrafter
 from hrkernels.samplers import stages as stages_module
 from hrkernels.schedules import scale_aware_betas
 
@@ -187,13 +188,24 @@ def test_generate_apt_passes_the_scheduler(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sampler", [DemoFusion, APT])
-def test_a_huge_size_fails_at_once_with_the_plans_numbers(no_encoding, sampler):
+@pytest.mark.parametrize("sampler", [DemoFusion, APT, ScaleCrafter, FreeScale])
+@pytest.mark.parametrize("max_memory", [None, 16 * 2**30])
+def test_a_huge_size_fails_at_once_with_the_plans_numbers(no_encoding, sampler, max_memory):
     started = time.perf_counter()
-    with pytest.raises(ValueError, match=r"100000x100000 \(W x H\) plans 782 stage\(s\) and "
-                                         r"[\d,]+ view evaluations .* max_view_evaluations"):
-        sampler(no_encoding)(prompt="a", height=100000, width=100000, **FAST)
+    with pytest.raises(MemoryPlanError, match=r"100000x100000 \(W x H\), batch 1: phase '[^']+' "
+                                              r"needs an estimated [\d.]+ GiB .* the budget is "
+                                              r"[\d.]+ GiB .*To fit: "):
+        sampler(no_encoding)(prompt="a", height=100000, width=100000, max_memory=max_memory,
+                             **FAST)
     assert time.perf_counter() - started < 1.0
+
+
+def test_a_plan_beyond_max_view_evaluations_fails_with_its_numbers(no_encoding):
+    sampler = DemoFusion(no_encoding)
+    sampler.max_view_evaluations = 10
+    with pytest.raises(ValueError, match=r"512x512 \(W x H\) plans 4 stage\(s\) and 113 view "
+                                         r"evaluations .* max_view_evaluations = 10"):
+        sampler(prompt="a", height=512, width=512, **FAST)
 
 
 def test_an_extreme_aspect_ratio_warns_with_the_stage_count(sd15):
