@@ -16,12 +16,12 @@ import hrkernels
 from hrkernels import MemoryPlanError, ops, planner
 from hrkernels.cli import main
 from hrkernels.nn.attention import _local_attention
-from hrkernels.planner import unet_call_bytes
-from hrkernels.samplers import APT, DemoFusion, FreeScale, ScaleCrafter, StageResult
+from hrkernels.planner import transformer_call_bytes, unet_call_bytes
+from hrkernels.samplers import APT, DemoFusion, FreeScale, MegaFusion, ScaleCrafter, StageResult
 from hrkernels.samplers.base import Sampler
 from hrkernels.samplers.stages import denoising_step, initial_latents, run_stage, stage_schedule
 
-SAMPLERS = [DemoFusion, APT, ScaleCrafter, FreeScale]
+SAMPLERS = [DemoFusion, APT, ScaleCrafter, FreeScale, MegaFusion]
 # |estimate / measured - 1| of a whole call on the CPU (measured: 3.7-6.0% at 256^2-384^2), and
 # of one UNet call (measured: 1.0-1.6%).
 CALL_TOLERANCE = 0.10
@@ -94,6 +94,38 @@ def test_the_unet_walk_matches_the_live_tensors_of_one_call(kind, rows, height, 
     measured = live.peak + sample.numel() * 4
     estimate = unet_call_bytes(config, rows, height, width, 4).peak
     assert abs(estimate / measured - 1) <= UNET_TOLERANCE, (estimate, measured)
+
+
+@pytest.mark.parametrize("rows, height, width, text",
+                         [(2, 48, 40, 333), (1, 64, 32, 120), (2, 24, 24, 400)])
+def test_the_transformer_walk_matches_the_live_tensors_of_one_sd3_call(rows, height, width, text):
+    # Sizes and text lengths other than those SD3_PEAKS were fitted on (the last: the text
+    # branch's peak).
+    from hrkernels.testing import tiny_pipeline
+
+    transformer = tiny_pipeline("sd3").transformer
+    config = transformer.config
+    sample = torch.randn(rows, config.in_channels, height, width)
+    inputs = {"timestep": torch.full((rows,), 500.0),
+              "encoder_hidden_states": torch.randn(rows, text, config.joint_attention_dim),
+              "pooled_projections": torch.randn(rows, config.pooled_projection_dim)}
+    live = LiveBytes()
+    with torch.no_grad(), live:
+        transformer(hidden_states=sample, return_dict=False, **inputs)
+    measured = live.peak + sample.numel() * 4
+    estimate = transformer_call_bytes(config, rows, height, width, 4, text_tokens=text).peak
+    assert abs(estimate / measured - 1) <= UNET_TOLERANCE, (estimate, measured)
+
+
+def test_megafusion_plans_every_family():
+    # SD3: the transformer walk; IF (pixel space): no VAE phase at all.
+    from hrkernels.testing import tiny_pipeline
+
+    sd3 = hrkernels.plan(MegaFusion(tiny_pipeline("sd3")), 512, 512, num_inference_steps=3)
+    assert any(p.name.startswith("VAE decode") for p in sd3.phases)
+    pixels = hrkernels.plan(MegaFusion(tiny_pipeline("if")), 32, 32, num_inference_steps=3)
+    assert not any("VAE" in p.name for p in pixels.phases)
+    assert pixels.peak > 0
 
 
 class MetaLiveBytes(LiveBytes):

@@ -17,7 +17,14 @@ from diffusers import (
 )
 
 from hrkernels import MemoryPlanError
-from hrkernels.samplers import APT, DemoFusion, FreeScale, NonFiniteLatentsError, ScaleCrafter
+from hrkernels.samplers import (
+    APT,
+    DemoFusion,
+    FreeScale,
+    MegaFusion,
+    NonFiniteLatentsError,
+    ScaleCrafter,
+)
 from hrkernels.samplers import stages as stages_module
 from hrkernels.schedules import scale_aware_betas
 
@@ -188,7 +195,7 @@ def test_generate_apt_passes_the_scheduler(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sampler", [DemoFusion, APT, ScaleCrafter, FreeScale])
+@pytest.mark.parametrize("sampler", [DemoFusion, APT, ScaleCrafter, FreeScale, MegaFusion])
 @pytest.mark.parametrize("max_memory", [None, 16 * 2**30])
 def test_a_huge_size_fails_at_once_with_the_plans_numbers(no_encoding, sampler, max_memory):
     started = time.perf_counter()
@@ -196,7 +203,7 @@ def test_a_huge_size_fails_at_once_with_the_plans_numbers(no_encoding, sampler, 
                                               r"needs an estimated [\d.]+ GiB .* the budget is "
                                               r"[\d.]+ GiB .*To fit: "):
         sampler(no_encoding)(prompt="a", height=100000, width=100000, max_memory=max_memory,
-                             **FAST)
+                             **{**FAST, "num_inference_steps": 2})  # MegaFusion: 2 stages
     assert time.perf_counter() - started < 1.0
 
 
