@@ -19,6 +19,7 @@ Times are medians of ``triton.testing.do_bench``. Writes ``attention.json`` and 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ import torch
 
 from hrkernels.bench.unet import _median_ms, _unet_inputs
 
-__all__ = ["attention_tflops", "available_backends", "main", "matmul_tflops", "unet_backends"]
+__all__ = ["attention_tflops", "available_backends", "main", "matmul_tflops", "per_backend",
+           "unet_backends"]
 
 # (name, SDPBackend member name); the math backend is left out: it materialises N x N scores.
 BACKENDS = (("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"),
@@ -57,59 +59,57 @@ def matmul_tflops(dtype: torch.dtype, size: int = 8192) -> float:
     return 2 * size**3 / (milliseconds / 1000) / 1e12
 
 
+def per_backend(function: Callable[[], torch.Tensor], warmup_ms: float,
+                rep_ms: float) -> dict[str, Any]:
+    """``function`` with each SDPA backend forced: ``{name: {ms, relative_l2}}`` (the difference
+    to the first backend that ran), or ``{name: {error}}`` where the backend cannot run it."""
+    from torch.nn.attention import sdpa_kernel
+
+    results: dict[str, Any] = {}
+    reference = None
+    for name, backend in available_backends():
+        try:
+            with sdpa_kernel(backend):
+                out = function()
+                milliseconds = _median_ms(function, torch.device("cuda"), warmup_ms, rep_ms)
+        except RuntimeError as error:
+            results[name] = {"error": str(error).splitlines()[0][:200]}
+            continue
+        if reference is None:
+            reference = out
+        results[name] = {"ms": milliseconds, "relative_l2": _relative(out, reference)}
+    return results
+
+
 def attention_tflops(tokens: int, heads: int, head_dim: int = 64, batch: int = 2,
                      dtype: torch.dtype = torch.float16) -> dict[str, Any]:
     """Self-attention of ``[batch, heads, tokens, head_dim]`` with each backend: ms, TFLOP/s and
     the relative L2 difference to the first backend that ran."""
-    from torch.nn.attention import sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention
 
     generator = torch.Generator("cuda").manual_seed(0)
     q, k, v = (torch.randn(batch, heads, tokens, head_dim, device="cuda", dtype=dtype,
                            generator=generator) for _ in range(3))
     flops = 4 * batch * heads * tokens**2 * head_dim
-    results: dict[str, Any] = {}
-    reference = None
-    for name, backend in available_backends():
-        try:
-            with sdpa_kernel(backend):
-                out = scaled_dot_product_attention(q, k, v)
-                milliseconds = _median_ms(lambda: scaled_dot_product_attention(q, k, v),
-                                          torch.device("cuda"), 100.0, 600.0)
-        except RuntimeError as error:
-            results[name] = {"error": str(error).splitlines()[0][:200]}
-            continue
-        if reference is None:
-            reference = out
-        results[name] = {"ms": milliseconds, "tflops": flops / (milliseconds / 1000) / 1e12,
-                         "relative_l2": _relative(out, reference)}
+    results = per_backend(lambda: scaled_dot_product_attention(q, k, v), 100.0, 600.0)
+    for entry in results.values():
+        if "ms" in entry:
+            entry["tflops"] = flops / (entry["ms"] / 1000) / 1e12
     return results
 
 
 def unet_backends(unet: torch.nn.Module, latent_size: int, batch: int) -> dict[str, Any]:
-    """One UNet forward with each SDPA backend forced: ms and relative L2 to the first."""
-    from torch.nn.attention import sdpa_kernel
-
-    device, dtype = torch.device("cuda"), unet.dtype
-    inputs = _unet_inputs(unet, batch, latent_size, device, dtype)
-    results: dict[str, Any] = {}
-    reference = None
+    """One UNet forward with each SDPA backend forced: ms, relative L2 to the first and the ratio
+    to the default choice's time."""
+    device = torch.device("cuda")
+    inputs = _unet_inputs(unet, batch, latent_size, device, unet.dtype)
     with torch.inference_mode():
         default_ms = _median_ms(lambda: unet(**inputs)[0], device, 500.0, 2000.0)
-        results["default"] = {"ms": default_ms}
-        for name, backend in available_backends():
-            try:
-                with sdpa_kernel(backend):
-                    out = unet(**inputs)[0]
-                    milliseconds = _median_ms(lambda: unet(**inputs)[0], device, 500.0, 2000.0)
-            except RuntimeError as error:
-                results[name] = {"error": str(error).splitlines()[0][:200]}
-                continue
-            if reference is None:
-                reference = out
-            results[name] = {"ms": milliseconds, "relative_l2": _relative(out, reference),
-                             "vs_default": milliseconds / default_ms}
-    return results
+        results = per_backend(lambda: unet(**inputs)[0], 500.0, 2000.0)
+    for entry in results.values():
+        if "ms" in entry:
+            entry["vs_default"] = entry["ms"] / default_ms
+    return {"default": {"ms": default_ms}, **results}
 
 
 def _markdown(result: dict[str, Any]) -> str:
