@@ -54,6 +54,7 @@ from hrkernels.samplers.stages import (
     StageSchedule,
     StepFunction,
     StepState,
+    fidelity_start,
     image_latent,
     initial_latents,
     randn,
@@ -436,8 +437,7 @@ class MegaFusion(Sampler):
         (diffusers' img2img with ``strength = 1 - fidelity``), at most ``end - 1``."""
         if run.fidelity is None:
             return start
-        steps = run.num_inference_steps
-        return min(steps - int(steps * (1.0 - run.fidelity)), end - 1)
+        return fidelity_start(run.num_inference_steps, run.fidelity, end - 1)
 
     def _condition_on_image(self, run: Run, latents: list[tuple[int, int]]) -> None:
         """IF stage II: the low-resolution image, upscaled and noised at every stage's size."""

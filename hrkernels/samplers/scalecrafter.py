@@ -49,6 +49,7 @@ from hrkernels.samplers.stages import (
     StageSchedule,
     StepState,
     denoising_step,
+    fidelity_start,
     image_latent,
     initial_latents,
     randn,
@@ -130,8 +131,7 @@ class ScaleCrafter(Sampler):
         """The step image-to-image starts at: ``N - int(N (1 - fidelity))`` (diffusers' img2img
         with ``strength = 1 - fidelity``), at most ``N - 1``."""
         fidelity = DEFAULT_FIDELITY if fidelity is None else fidelity
-        steps = num_inference_steps
-        return min(steps - int(steps * (1.0 - fidelity)), steps - 1)
+        return fidelity_start(num_inference_steps, fidelity, num_inference_steps - 1)
 
     def image_start(self, run: Run, size: tuple[int, int]) -> tuple[torch.Tensor, StageSchedule]:
         """The caller's image at the target ``size`` (pixels), encoded and noised to the start

@@ -44,6 +44,7 @@ __all__ = [
     "SkipResidual",
     "denoising_step",
     "fidelity_exponent",
+    "fidelity_start",
     "image_latent",
     "initial_latents",
     "StageSchedule",
@@ -354,6 +355,14 @@ def image_latent(run: Run, size: tuple[int, int]) -> torch.Tensor:
     pixels = resize_pixels(run.image.to(run.device), size)
     pixels = batch_rows(pixels, run.batch, "image")
     return run.adapter.encode(pixels * 2 - 1, run.generator, run.vae_max_memory).float()
+
+
+def fidelity_start(num_inference_steps: int, fidelity: float, latest: int) -> int:
+    """The step an image-to-image run starts at for a ``fidelity`` in [0, 1]: ``N - int(N (1 -
+    fidelity))`` (diffusers' img2img with ``strength = 1 - fidelity``), at most ``latest`` (so at
+    least one step runs). ScaleCrafter's start, MegaFusion's stage 2 after an input image."""
+    steps = num_inference_steps
+    return min(steps - int(steps * (1.0 - fidelity)), latest)
 
 
 def fidelity_exponent(exponent: float | torch.Tensor,
