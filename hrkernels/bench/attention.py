@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from hrkernels.bench.harness import write_document
 from hrkernels.bench.unet import _median_ms, _unet_inputs
 
 __all__ = ["attention_tflops", "available_backends", "main", "matmul_tflops", "per_backend",
@@ -162,10 +163,5 @@ def main(out_dir: str | Path) -> int:
         label = f"latent {latent}^2, B={batch}"
         result["unet"][label] = unet_backends(unet, latent, batch)
         print(label, json.dumps(result["unet"][label]), flush=True)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "attention.json").write_text(json.dumps(result, indent=1) + "\n")
-    table = _markdown(result)
-    (out / "attention.md").write_text(table)
-    print(table)
+    write_document(out_dir, "attention", result, _markdown(result))
     return 0

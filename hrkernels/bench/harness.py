@@ -299,6 +299,16 @@ def device_tag(env: dict[str, str]) -> str:
     return "cpu" if name.startswith("cpu") else "".join(c if c.isalnum() else "-" for c in name)
 
 
+def write_document(out_dir: str | Path, stem: str, document: Any, table: str) -> None:
+    """``<stem>.json`` (``document``) and ``<stem>.md`` (``table``) under ``out_dir`` (made if
+    missing), and ``table`` printed: how a GPU benchmark module's ``main`` records its result."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(document, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(table)
+    print(table)
+
+
 def write_results(results: list[Result], bandwidth: float, dtype: torch.dtype, out_dir: Path,
                   prefix: str = "ops", log: Callable[[str], None] | None = None) -> list[Path]:
     """Write ``<prefix>_<device>.json``, ``.md`` and ``.png`` under ``out_dir``; returns the

@@ -15,7 +15,6 @@ print(patched_unet_overhead('cuda', torch.float16))"
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hrkernels.bench.harness import write_document
 from hrkernels.nn import ReDilatedConvForward
 from hrkernels.patching import ReDilation, patched
 from hrkernels.patching.registry import patch_state
@@ -183,9 +183,6 @@ def main(out_dir: str | Path) -> int:
         print("patched_unet_overhead needs a CUDA GPU")
         return 1
     result = patched_unet_overhead("cuda", torch.float16)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "unet_overhead.json").write_text(json.dumps(result, indent=1) + "\n")
     plan = ", ".join(f"{name}: {factor}" for name, factor in result["plan"]["layers"].items())
     table = (
         "| SDXL UNet forward, latent 2x4x256x256 (2048^2, CFG batch), fp16 | ms (median) |\n"
@@ -196,6 +193,5 @@ def main(out_dir: str | Path) -> int:
         f"| overhead (patched / unpatched) | {result['ratio']:.3f} |\n\n"
         f"{result['device_name']}, torch {result['torch']}, triton {result['triton']}\n"
     )
-    (out / "unet_overhead.md").write_text(table)
-    print(table)
+    write_document(out_dir, "unet_overhead", result, table)
     return 0

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from hrkernels.bench.harness import write_document
+
 __all__ = ["SIZES", "main", "measure"]
 
 SIZES = (2048, 4096, 8192)
@@ -141,10 +143,5 @@ def main(out_dir: str | Path) -> int:
     for side in sizes:
         result["sizes"][side] = bench_size(vae, side)
         print(side, json.dumps(result["sizes"][side]), flush=True)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vae.json").write_text(json.dumps(result, indent=1) + "\n")
-    table = _markdown(result)
-    (out / "vae.md").write_text(table)
-    print(table)
+    write_document(out_dir, "vae", result, _markdown(result))
     return 0
