@@ -406,9 +406,8 @@ def run(args: argparse.Namespace) -> int:
     if args.plan:
         from hrkernels.planner import plan
 
-        default_steps = getattr(sampler, "default_steps", lambda: 50)
         print(plan(sampler, height, width, 1, max_memory,
-                   num_inference_steps=args.steps or default_steps(),
+                   num_inference_steps=args.steps or sampler.default_steps(),
                    guidance_scale=args.guidance, options=call_options))
         return 0
     generator = torch.Generator(device=device).manual_seed(args.seed)

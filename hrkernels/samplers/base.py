@@ -172,6 +172,10 @@ class Sampler:
         return ([("encode", 1)] if options.get("image") is not None else []) + \
             [("decode", stages)]
 
+    def default_steps(self) -> int:
+        """The step count of a call that names none (``sample``'s default: 50)."""
+        return 50
+
     def window_settings(self, stage: int) -> Any:
         """The :class:`~hrkernels.nn.attention.ScaleFusionSettings` the UNet's self-attention runs
         with in ``stage`` (1-based), or None for plain attention (the memory planner's)."""

@@ -384,9 +384,9 @@ class MegaFusion(Sampler):
             if len(sizes) < 2:
                 raise ValueError("MegaFusion: image= needs at least 2 stages (it replaces the "
                                  "first stage's result); the target is the base size")
-            starts[1] = self.image_start(run, starts[1], starts[1] + steps[1])
-            steps = [0, starts[2] - starts[1] if len(sizes) > 2 else
-                     run.num_inference_steps - starts[1], *steps[2:]]
+            end = starts[1] + steps[1]  # stage 2 keeps its end, starts where fidelity says
+            starts[1] = self.image_start(run, starts[1], end)
+            steps[:2] = [0, end - starts[1]]
         latents = [(h // f, w // f) for h, w in sizes]
         if self.adapter.family == "if-sr":  # the upscaled image rows must exist before plan()
             self._condition_on_image(run, latents)
